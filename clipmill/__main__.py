@@ -1,0 +1,5 @@
+"""`python -m clipmill` runs the CLI."""
+
+from clipmill.pipeline.cli import main
+
+main()

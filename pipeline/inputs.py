@@ -1,0 +1,131 @@
+"""Expand what the user gave on the command line into input items (uri + optional source caption).
+
+An INPUT is a file, a directory (searched recursively for video files), a glob pattern, or a manifest
+(.csv, .jsonl or .parquet with a `uri` column and an optional `caption` column; relative URIs are
+resolved against the manifest's folder). A file given by name is always an input, whatever its
+extension: if it is not a video, the probe stage rejects it with a reason. The same URI given twice is
+one input. Remote URLs (s3://, gs://, ...) are not read by this version and are refused with a message.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = frozenset({
+    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".wmv", ".flv", ".mpg", ".mpeg", ".ts", ".m2ts",
+    ".mts", ".3gp", ".ogv", ".mxf", ".vob", ".divx", ".asf", ".y4m", ".gif",
+})
+MANIFEST_EXTENSIONS = frozenset({".csv", ".jsonl", ".parquet"})
+
+
+class InputError(ValueError):
+    """Inputs that cannot be read at all (bad manifest, unsupported URL scheme, nothing found)."""
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input video: where it is and the caption that came with it (if any)."""
+
+    uri: str
+    source_caption: str | None = None
+
+
+def _norm(uri: str, base: Path | None = None) -> str:
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" in uri:
+        raise InputError(
+            f"{uri}: remote URLs are not supported by this version of clipmill; copy the files locally "
+            f"or mount the bucket"
+        )
+    p = Path(uri).expanduser()
+    if base is not None and not p.is_absolute():
+        p = base / p
+    return os.path.abspath(p)
+
+
+def _from_manifest(path: Path) -> list[InputItem]:
+    suffix = path.suffix.lower()
+    rows: list[dict]
+    try:
+        if suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        elif suffix == ".jsonl":
+            rows = []
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as exc:
+                            log.warning("%s line %d: not JSON (%s); row skipped", path, n, exc.msg)
+        else:
+            import pyarrow.parquet as pq  # noqa: PLC0415
+
+            rows = pq.read_table(path).to_pylist()
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"cannot read manifest {path}: {exc}") from exc
+    if rows and not any(isinstance(r, dict) and "uri" in r for r in rows):
+        raise InputError(f"manifest {path} has no 'uri' column (columns: {sorted(rows[0])})")
+    items = []
+    for n, r in enumerate(rows, 1):
+        uri = r.get("uri") if isinstance(r, dict) else None
+        if not uri or not isinstance(uri, str):
+            log.warning("%s row %d: no uri; row skipped", path, n)
+            continue
+        cap = r.get("caption")
+        items.append(InputItem(_norm(uri, path.parent), str(cap) if cap not in (None, "") else None))
+    return items
+
+
+def _from_dir(path: Path) -> list[InputItem]:
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if Path(name).suffix.lower() in VIDEO_EXTENSIONS and not name.startswith("."):
+                found.append(InputItem(os.path.abspath(os.path.join(root, name))))
+    if not found:
+        log.warning("%s: no video files found (extensions: %s)", path, " ".join(sorted(VIDEO_EXTENSIONS)))
+    return found
+
+
+def expand_inputs(specs: list[str]) -> list[InputItem]:
+    """All input items named by `specs`, de-duplicated by URI, in the order given."""
+    items: list[InputItem] = []
+    for spec in specs:
+        if "://" in spec and not spec.startswith("file://"):
+            _norm(spec)  # raises InputError with the message
+        local = spec[len("file://"):] if spec.startswith("file://") else spec
+        p = Path(local).expanduser()
+        if p.is_dir():
+            items += _from_dir(p)
+        elif p.is_file() and p.suffix.lower() in MANIFEST_EXTENSIONS:
+            items += _from_manifest(p)
+        elif p.exists() or not glob.has_magic(local):
+            items.append(InputItem(_norm(local)))  # a missing file is ledgered as rejected: not_found
+        else:
+            matches = sorted(glob.glob(local, recursive=True))
+            if not matches:
+                log.warning("%s matched no file", spec)
+            for m in matches:
+                if os.path.isfile(m):
+                    items.append(InputItem(_norm(m)))
+    seen: dict[str, InputItem] = {}
+    for it in items:
+        if it.uri not in seen:
+            seen[it.uri] = it
+        elif it.source_caption and not seen[it.uri].source_caption:
+            seen[it.uri] = it
+    if len(seen) < len(items):
+        log.info("%d duplicate input(s) ignored", len(items) - len(seen))
+    return list(seen.values())

@@ -1,0 +1,311 @@
+"""The runner: a recipe becomes a Ray Data plan; finished videos are committed to shards as they stream in.
+
+    inputs -> from_items (one block per video) -> map_batches(stage) for each recipe stage
+           -> driver: Assembler groups rows per video -> ShardWriter commits shards atomically
+
+Locally `ray.init()` starts an embedded single-node Ray limited by the recipe's runtime section; with
+`address` (or RAY_ADDRESS) the same plan runs on a cluster. CPU stages run as tasks that Ray fuses into
+one task per video; stages that hold a model get an actor pool. Decoded frames never leave the workers:
+only ledger rows and clip rows (with the clip's MP4 bytes) come back to the driver, which is the only
+writer of OUT. This is the only module of clipmill that imports Ray.
+
+Resume: inputs whose URI is already in a commit record are skipped; a video whose content id is already
+committed under another URI is ledgered `rejected` (duplicate_content) so no clip_id is written twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+import clipmill
+from clipmill.pipeline.inputs import InputItem
+from clipmill.pipeline.ledger import Assembler, VideoResult
+from clipmill.pipeline.recipe import Recipe
+from clipmill.pipeline.registry import stage_class
+from clipmill.pipeline.worker import StageCall, drop_transient
+from clipmill.storage import ids
+from clipmill.storage.schema import CLIPS_SCHEMA, SCHEMA_VERSION, STATUS_FAILED, STATUS_REJECTED, VIDEOS_SCHEMA
+from clipmill.storage.shards import (
+    RUN_JSON,
+    ShardWriter,
+    committed_keys,
+    iter_commit_counts,
+    read_commits,
+    read_run_json,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+COMMIT_EVERY_S = 30.0
+
+
+@dataclass
+class RunStats:
+    """Live counters of a run (what progress shows and the summary prints)."""
+
+    total: int = 0
+    skipped: int = 0
+    videos: int = 0
+    video_seconds: float = 0.0
+    clips: int = 0
+    kept: int = 0
+    shards: int = 0
+    status: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+    clip_rejects: Counter = field(default_factory=Counter)
+    started: float = field(default_factory=time.monotonic)
+    elapsed_s: float = 0.0
+
+    def add(self, res: VideoResult) -> None:
+        v = res.video
+        self.videos += 1
+        self.status[v["status"]] += 1
+        if v["status"] != "done":
+            self.reasons[_reason_key(v.get("reason"))] += 1
+        self.video_seconds += float(v.get("duration_s") or 0.0)
+        self.clips += len(res.clips)
+        self.kept += sum(1 for c in res.clips if c["kept"])
+        for c in res.clips:
+            self.clip_rejects.update(c["reject_reasons"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "inputs": self.total, "skipped_already_committed": self.skipped, "videos": self.videos,
+            "video_seconds": round(self.video_seconds, 3), "clips": self.clips, "kept": self.kept,
+            "shards": self.shards, "status": dict(self.status), "video_reasons": dict(self.reasons),
+            "clip_rejects": dict(self.clip_rejects), "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+def _reason_key(reason: str | None) -> str:
+    """Group reasons for counting: the part before the first ':' (e.g. 'unreadable: moov atom...')."""
+    if not reason:
+        return "unknown"
+    return reason.split(":", 1)[0].strip()
+
+
+def init_ray(address: str | None, recipe: Recipe) -> bool:
+    """Connect to `address` (or RAY_ADDRESS) or start an embedded local Ray; True if we started it."""
+    import ray  # noqa: PLC0415
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        rt = recipe.runtime
+        store = rt.object_store_mb * 2**20 if rt.object_store_mb else 2 * 2**30
+        ray.init(num_cpus=rt.num_cpus or os.cpu_count(), object_store_memory=store, **kwargs)
+    return True
+
+
+def build_plan(items: list[InputItem], recipe: Recipe) -> Any:
+    """The Ray Dataset that runs every stage of `recipe` over `items` (lazy; nothing runs yet)."""
+    import ray  # noqa: PLC0415
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.max_errored_blocks = -1  # a block lost after retries is ledgered `failed` by the driver, not fatal
+    rows = [{"uri": it.uri, "source_caption": it.source_caption, "error": None} for it in items]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    remote_args = {"max_retries": recipe.runtime.max_task_retries, "retry_exceptions": False}
+    for spec in recipe.stages:
+        cls = stage_class(spec.name)
+        call = StageCall(spec.name, spec.config.model_dump_json())
+        if cls.uses_model:
+            ds = ds.map_batches(
+                _ActorStage, fn_constructor_args=(spec.name, spec.config.model_dump_json()),
+                batch_size=cls.batch_size, batch_format="pyarrow", num_cpus=cls.num_cpus,
+                num_gpus=cls.num_gpus or None, concurrency=(1, max(1, int(os.cpu_count() or 1))),
+            )
+        else:
+            ds = ds.map_batches(call, batch_size=None, batch_format="pyarrow", num_cpus=cls.num_cpus,
+                                **remote_args)
+    return ds.map_batches(drop_transient, batch_size=None, batch_format="pyarrow", **remote_args)
+
+
+class _ActorStage:
+    """Actor wrapper for model stages: the stage (and its model) is built once per actor."""
+
+    def __init__(self, name: str, config_json: str) -> None:
+        self.call = StageCall(name, config_json)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.call(batch)
+
+
+@dataclass
+class _Pending:
+    results: list[VideoResult] = field(default_factory=list)
+    media_bytes: int = 0
+    since: float = field(default_factory=time.monotonic)
+
+
+def _lost_video(uri: str, why: str) -> VideoResult:
+    try:
+        vid = ids.video_id_from_path(uri)
+    except OSError:
+        vid = "uri-" + hashlib.blake2b(uri.encode(), digest_size=8).hexdigest()
+    return VideoResult({"video_id": vid, "uri": uri, "status": STATUS_FAILED, "reason": why, "n_clips": 0,
+                        "n_kept": 0, "committed_at": dt.datetime.now(dt.timezone.utc)}, [])
+
+
+def run(
+    items: list[InputItem],
+    out: str | os.PathLike,
+    recipe: Recipe,
+    *,
+    address: str | None = None,
+    limit: int | None = None,
+    on_progress: Callable[[RunStats], None] | None = None,
+    argv: list[str] | None = None,
+) -> RunStats:
+    """Run `recipe` over `items` into dataset OUT, resuming what is already committed there.
+
+    Raises DatasetError (from storage) when OUT cannot be used; bad inputs never raise.
+    """
+    out = Path(out)
+    stats = RunStats()
+    with ShardWriter(out) as writer:
+        done_uris, done_vids = committed_keys(out)
+        todo = [it for it in items if it.uri not in done_uris]
+        stats.skipped = len(items) - len(todo)
+        if limit is not None:
+            todo = todo[: max(0, limit)]
+        stats.total = len(todo)
+        meta = _start_run_json(out, recipe, argv, len(items), stats.skipped)
+        if not todo:
+            stats.elapsed_s = time.monotonic() - stats.started
+            _finish_run_json(out, meta, stats)
+            return stats
+        started_ray = init_ray(address, recipe)
+        try:
+            _stream(todo, recipe, writer, out, meta, stats, done_vids, on_progress)
+        finally:
+            if started_ray:
+                import ray  # noqa: PLC0415
+
+                ray.shutdown()
+        stats.elapsed_s = time.monotonic() - stats.started
+        _finish_run_json(out, meta, stats)
+    return stats
+
+
+def _stream(todo: list[InputItem], recipe: Recipe, writer: ShardWriter, out: Path, meta: dict[str, Any],
+            stats: RunStats, done_vids: set[str], on_progress: Callable[[RunStats], None] | None) -> None:
+    ds = build_plan(todo, recipe)
+    asm = Assembler(media=recipe.write.media, thumbnails=recipe.write.thumbnails)
+    pending = _Pending()
+    seen_vids: dict[str, str] = {}
+    seen_uris: set[str] = set()
+    limit_bytes = int(recipe.write.shard_mb * 2**20)
+
+    def flush() -> None:
+        if not pending.results:
+            return
+        videos = [r.video for r in pending.results]
+        clips = [c for r in pending.results for c in r.clips]
+        writer.commit(pa.Table.from_pylist(videos, schema=VIDEOS_SCHEMA),
+                      pa.Table.from_pylist(clips, schema=CLIPS_SCHEMA))
+        stats.shards += 1
+        for r in pending.results:
+            stats.add(r)
+        pending.results.clear()
+        pending.media_bytes = 0
+        pending.since = time.monotonic()
+        stats.elapsed_s = time.monotonic() - stats.started
+        _update_run_json(out, meta, stats)
+
+    def accept(res: VideoResult) -> None:
+        vid, uri = res.video["video_id"], res.video["uri"]
+        seen_uris.add(uri)
+        other = seen_vids.get(vid) or (vid if vid in done_vids else None)
+        if other is not None:
+            res.video.update(status=STATUS_REJECTED, reason=f"duplicate_content: same bytes as {other}",
+                             n_clips=0, n_kept=0)
+            res.clips = []
+        else:
+            seen_vids[vid] = uri
+        pending.results.append(res)
+        pending.media_bytes += res.media_bytes
+        if (len(pending.results) >= recipe.write.shard_videos or pending.media_bytes >= limit_bytes
+                or time.monotonic() - pending.since >= COMMIT_EVERY_S):
+            flush()
+
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+        for res in asm.add(batch.to_pylist()):
+            accept(res)
+        if on_progress:
+            on_progress(_live_view(stats, pending))
+    for uri in asm.incomplete:
+        log.warning("%s: some clip rows were lost (worker failure); ledgered as failed", uri)
+    for it in todo:
+        if it.uri not in seen_uris:
+            log.warning("%s: no result came back (worker crashed after retries); ledgered as failed", it.uri)
+            accept(_lost_video(it.uri, "worker_lost: the task processing this video failed after retries"))
+    flush()
+    if on_progress:
+        on_progress(stats)
+
+
+def _live_view(stats: RunStats, pending: _Pending) -> RunStats:
+    view = RunStats(total=stats.total, skipped=stats.skipped, videos=stats.videos,
+                    video_seconds=stats.video_seconds, clips=stats.clips, kept=stats.kept, shards=stats.shards,
+                    status=Counter(stats.status), reasons=Counter(stats.reasons),
+                    clip_rejects=Counter(stats.clip_rejects), started=stats.started)
+    for r in pending.results:
+        view.add(r)
+    view.elapsed_s = time.monotonic() - stats.started
+    return view
+
+
+def _versions() -> dict[str, str]:
+    import av  # noqa: PLC0415
+    import duckdb  # noqa: PLC0415
+    import ray  # noqa: PLC0415
+
+    return {"clipmill": clipmill.__version__, "python": sys.version.split()[0], "ray": ray.__version__,
+            "pyarrow": pa.__version__, "av": av.__version__, "duckdb": duckdb.__version__}
+
+
+def _start_run_json(out: Path, recipe: Recipe, argv: list[str] | None, n_inputs: int, skipped: int) -> dict:
+    meta = read_run_json(out) or {"schema_version": SCHEMA_VERSION, "created_at": _now(), "runs": []}
+    meta["schema_version"] = SCHEMA_VERSION
+    meta["recipe"] = recipe.to_json()
+    meta["versions"] = _versions()
+    meta["runs"].append({"started_at": _now(), "argv": argv or [], "inputs": n_inputs,
+                         "skipped_already_committed": skipped, "finished_at": None})
+    _update_run_json(out, meta, None)
+    return meta
+
+
+def _update_run_json(out: Path, meta: dict[str, Any], stats: RunStats | None) -> None:
+    meta["updated_at"] = _now()
+    meta["counts"] = iter_commit_counts(read_commits(out))
+    if stats is not None:
+        meta["runs"][-1]["progress"] = stats.to_json()
+    write_json_atomic(out / RUN_JSON, meta)
+
+
+def _finish_run_json(out: Path, meta: dict[str, Any], stats: RunStats) -> None:
+    meta["runs"][-1]["finished_at"] = _now()
+    _update_run_json(out, meta, stats)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,51 @@
+"""What runs inside a worker process: build each stage once per process, then call it on batches.
+
+Kept free of Ray so that the same functions run in a test or a notebook without a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from clipmill.pipeline.registry import stage_class
+from clipmill.stages.base import Stage
+
+log = logging.getLogger(__name__)
+
+# One instance per (stage, config) per process: models and detectors load once per worker.
+_INSTANCES: dict[tuple[str, str], Stage] = {}
+
+# Columns that live only inside a worker (decoded frames); dropped before rows travel to the writer.
+TRANSIENT_COLUMNS = ("frames", "frames_shape")
+
+
+def get_stage(name: str, config_json: str) -> Stage:
+    """The process-wide instance of stage `name` built from its config (JSON), created on first use."""
+    key = (name, config_json)
+    inst = _INSTANCES.get(key)
+    if inst is None:
+        cls = stage_class(name)
+        inst = cls(cls.Config.model_validate(json.loads(config_json)))
+        _INSTANCES[key] = inst
+    return inst
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """A picklable callable that applies one configured stage to a batch (used as a Ray task function)."""
+
+    name: str
+    config_json: str
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return get_stage(self.name, self.config_json)(batch)
+
+
+def drop_transient(batch: pa.Table) -> pa.Table:
+    """Remove worker-only columns (decoded frames) from a batch."""
+    keep = [c for c in batch.column_names if c not in TRANSIENT_COLUMNS]
+    return batch.select(keep)

@@ -1,0 +1,1 @@
+"""Bundled YAML recipes (data only). `clipmill run --recipe NAME` looks here for NAME.yaml."""
