@@ -3,8 +3,9 @@
 Every maker is `make_<kind>(dir, ...) -> Path`: it writes one file into `dir` (created if needed) and
 returns its path. Two families:
 
-* Broken inputs, which the probe stage must reject with a reason and never crash on: a truncated MP4,
-  one with a corrupted header, random bytes, an empty file and a text file (all named `.mp4`), and an
+* Broken inputs, which the probe stage must reject with a reason and never crash on: a truncated MP4
+  (index at the end, so it is lost; or index first, so it points past the end), one with a corrupted
+  header, one whose video packets are garbage, random bytes, an empty file and a text file (all named `.mp4`), and an
   audio-only file.
 * Exotic but valid videos, which must pass: VP9 in WebM, HEVC in Matroska, AV1 (SVT-AV1) in Matroska,
   MPEG-4 Part 2 in AVI, an odd frame size, a very short (2-frame) clip, a variable frame rate, a stream
@@ -36,6 +37,7 @@ __all__ = [
     "make_audio_only",
     "make_av1_mkv",
     "make_empty",
+    "make_garbage_payload",
     "make_header_corrupted",
     "make_hevc_mkv",
     "make_mpeg4_avi",
@@ -46,6 +48,7 @@ __all__ = [
     "make_text",
     "make_tiny",
     "make_truncated",
+    "make_truncated_faststart",
     "make_valid",
     "make_vfr",
     "make_very_short",
@@ -242,6 +245,35 @@ def make_header_corrupted(d: str | os.PathLike, src: str | os.PathLike | None = 
     return out
 
 
+def make_truncated_faststart(d: str | os.PathLike, keep: float = 0.6, name: str = "truncated_faststart.mp4") -> Path:
+    """A streamable MP4 (index first, as web downloads are) cut after `keep` of its bytes.
+
+    The index is intact and the first frames decode; only the index points past the end of the file.
+    """
+    from clipmill.stages.transcode import faststart  # lazy: only this maker needs the MP4 box rewriter
+
+    if not 0 < keep < 1:
+        raise ValueError(f"keep must be in (0, 1), got {keep}")
+    data = faststart(make_valid(d, name="_truncated_fs_src.mp4", n=96).read_bytes())
+    out = _dir(d) / name
+    out.write_bytes(data[: int(len(data) * keep)])
+    return out
+
+
+def make_garbage_payload(d: str | os.PathLike, name: str = "garbage_payload.mp4", seed: int = 0) -> Path:
+    """An MP4 whose container and index are intact but whose video packets are random bytes."""
+    data = bytearray(make_valid(d, name="_garbage_src.mp4").read_bytes())
+    pos = bytes(data).find(b"mdat")
+    end = bytes(data).find(b"moov")
+    if pos < 0 or end < pos:
+        raise RuntimeError("expected an MP4 with mdat before moov")
+    rng = np.random.default_rng(seed)
+    data[pos + 4 : end - 4] = rng.integers(0, 256, end - 4 - pos - 4, dtype=np.uint8).tobytes()
+    out = _dir(d) / name
+    out.write_bytes(bytes(data))
+    return out
+
+
 def make_random_bytes(d: str | os.PathLike, size: int = 65536, name: str = "random.mp4", seed: int = 0) -> Path:
     """`size` random bytes named like a video."""
     out = _dir(d) / name
@@ -337,6 +369,8 @@ def make_rotated(d: str | os.PathLike, rotation: int = 90, n: int = 24, name: st
 
 BROKEN_MAKERS = {
     "truncated": make_truncated,
+    "truncated_faststart": make_truncated_faststart,
+    "garbage_payload": make_garbage_payload,
     "header_corrupted": make_header_corrupted,
     "random_bytes": make_random_bytes,
     "empty": make_empty,

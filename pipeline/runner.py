@@ -34,9 +34,15 @@ from clipmill.pipeline.inputs import InputItem
 from clipmill.pipeline.ledger import Assembler, VideoResult
 from clipmill.pipeline.recipe import Recipe
 from clipmill.pipeline.registry import stage_class
-from clipmill.pipeline.worker import StageCall, drop_transient
+from clipmill.pipeline.worker import StageCall, drop_transient, fault_for
 from clipmill.storage import ids
-from clipmill.storage.schema import CLIPS_SCHEMA, SCHEMA_VERSION, STATUS_FAILED, STATUS_REJECTED, VIDEOS_SCHEMA
+from clipmill.storage.schema import (
+    CLIPS_SCHEMA,
+    SCHEMA_VERSION,
+    STATUS_FAILED,
+    STATUS_REJECTED,
+    VIDEOS_SCHEMA,
+)
 from clipmill.storage.shards import (
     RUN_JSON,
     ShardWriter,
@@ -126,10 +132,10 @@ def build_plan(items: list[InputItem], recipe: Recipe) -> Any:
     remote_args = {"max_retries": recipe.runtime.max_task_retries, "retry_exceptions": False}
     for spec in recipe.stages:
         cls = stage_class(spec.name)
-        call = StageCall(spec.name, spec.config.model_dump_json())
+        call = StageCall(spec.name, spec.config.model_dump_json(), fault_for(spec.name))
         if cls.uses_model:
             ds = ds.map_batches(
-                _ActorStage, fn_constructor_args=(spec.name, spec.config.model_dump_json()),
+                _ActorStage, fn_constructor_args=(call,),
                 batch_size=cls.batch_size, batch_format="pyarrow", num_cpus=cls.num_cpus,
                 num_gpus=cls.num_gpus or None, concurrency=(1, max(1, int(os.cpu_count() or 1))),
             )
@@ -142,8 +148,8 @@ def build_plan(items: list[InputItem], recipe: Recipe) -> Any:
 class _ActorStage:
     """Actor wrapper for model stages: the stage (and its model) is built once per actor."""
 
-    def __init__(self, name: str, config_json: str) -> None:
-        self.call = StageCall(name, config_json)
+    def __init__(self, call: StageCall) -> None:
+        self.call = call
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.call(batch)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -17,21 +18,34 @@ from clipmill.stages.base import Stage
 log = logging.getLogger(__name__)
 
 # One instance per (stage, config) per process: models and detectors load once per worker.
-_INSTANCES: dict[tuple[str, str], Stage] = {}
+_INSTANCES: dict[tuple[str, str, str | None], Stage] = {}
+
+FAULT_ENV = "CLIPMILL_FAULT_INJECT"
 
 # Columns that live only inside a worker (decoded frames); dropped before rows travel to the writer.
 TRANSIENT_COLUMNS = ("frames", "frames_shape")
 
 
-def get_stage(name: str, config_json: str) -> Stage:
+def get_stage(name: str, config_json: str, fault: str | None = None) -> Stage:
     """The process-wide instance of stage `name` built from its config (JSON), created on first use."""
-    key = (name, config_json)
+    key = (name, config_json, fault)
     inst = _INSTANCES.get(key)
     if inst is None:
         cls = stage_class(name)
         inst = cls(cls.Config.model_validate(json.loads(config_json)))
+        if fault:
+            inst.inject_fault = fault
         _INSTANCES[key] = inst
     return inst
+
+
+def fault_for(stage: str, spec: str | None = None) -> str | None:
+    """The uri substring to fail on for `stage`, from CLIPMILL_FAULT_INJECT="stage:substring" (tests only)."""
+    spec = os.environ.get(FAULT_ENV) if spec is None else spec
+    if not spec or ":" not in spec:
+        return None
+    name, _, needle = spec.partition(":")
+    return needle if name == stage and needle else None
 
 
 @dataclass(frozen=True)
@@ -40,9 +54,10 @@ class StageCall:
 
     name: str
     config_json: str
+    fault: str | None = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return get_stage(self.name, self.config_json)(batch)
+        return get_stage(self.name, self.config_json, self.fault)(batch)
 
 
 def drop_transient(batch: pa.Table) -> pa.Table:

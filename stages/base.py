@@ -27,6 +27,10 @@ ERROR = "error"
 CLIP_INDEX = "clip_index"
 
 
+class InjectedFault(RuntimeError):
+    """Raised by a stage on purpose (fault-injection tests)."""
+
+
 class StageConfig(BaseModel):
     """Base of every stage's typed, frozen config; unknown keys are errors."""
 
@@ -75,6 +79,10 @@ class RowStage(Stage):
     row with `clip_index` = -1 so the video is still ledgered).
     """
 
+    #: Fault injection for tests (set by the runner from CLIPMILL_FAULT_INJECT="stage:uri-substring"):
+    #: `process` raises InjectedFault for rows whose uri contains this substring.
+    inject_fault: str | None = None
+
     def process(self, row: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
         raise NotImplementedError
 
@@ -89,6 +97,8 @@ class RowStage(Stage):
         if not self._live(row):
             return [dict(row, **{CLIP_INDEX: -1}) if self.level == "fanout" else row]
         try:
+            if self.inject_fault and self.inject_fault in str(row.get("uri")):
+                raise InjectedFault(f"injected fault for {row.get('uri')}")
             out = self.process(row)
         except Exception as exc:  # noqa: BLE001 - per-row failures are data, recorded in `error`
             log.warning("%s failed on %s: %s", self.name, row.get("uri"), exc)

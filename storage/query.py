@@ -114,6 +114,7 @@ def connect(out: str | os.PathLike, *, allow_external: bool = False) -> duckdb.D
         raise QueryError(f"{out} is not a directory; give the output directory of a clipmill run")
     con = duckdb.connect(":memory:")
     try:
+        con.execute("SET TimeZone = 'UTC'")  # timestamps come back in UTC whatever the machine's zone
         allowed: list[Path] = []
         for name, schema in VIEWS.items():
             files = [Path(p).resolve() for p in committed_files(root, name)]
@@ -177,6 +178,9 @@ def _check_statement(con: duckdb.DuckDBPyConnection, stmt: Any) -> None:
         if len(inner) == 1 and inner[0].type == duckdb.StatementType.SELECT:
             return
         raise _refuse("EXPLAIN", query, " (EXPLAIN [ANALYZE] only of a SELECT)")
+    if kind == duckdb.StatementType.MULTI:
+        raise _refuse("MULTI", query, " (a PIVOT without an IN list runs several statements: write "
+                                      "PIVOT ... ON col IN (v1, v2, ...))")
     if kind == duckdb.StatementType.CALL:
         raise _refuse("CALL", query, " (write SELECT * FROM fn(...) instead of CALL fn(...))")
     raise _refuse(kind.name, query)
