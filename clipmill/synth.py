@@ -220,9 +220,10 @@ class _ShotRenderer:
         if m == "zoom":
             return (2 * math.sin(0.03 * k + p[0]), 2 * math.sin(0.04 * k + p[1]), 1.0 + 0.006 * k,
                     0.1 * k * d[0])
-        # fast: whip pans, accelerating and decelerating, roughly 25-60 px/frame at 640 px width
-        speed = w / 640 * (25 + 35 * abs(math.sin(0.07 * k + p[2])))
-        return (d[0] * speed * k, 0.4 * d[1] * speed * k, 1.0 + 0.05 * math.sin(0.1 * k + p[3]), 0.0)
+        # fast: whip pans whose speed swings between 8 and 40 px/frame (at 640 px width): the position
+        # is the integral of speed(k) = 8 + 32 sin^2(0.07 k + phase)
+        pos = w / 640 * (24 * k - 16 * (math.sin(0.14 * k + 2 * p[2]) - math.sin(2 * p[2])) / 0.14)
+        return (d[0] * pos, 0.3 * d[1] * pos, 1.0 + 0.05 * math.sin(0.1 * k + p[3]), 0.0)
 
     def frame(self, k: int) -> np.ndarray:
         """uint8 RGB frame k of this shot; k may run past the shot's length or be negative (transitions)."""
@@ -242,9 +243,9 @@ class _ShotRenderer:
         return img
 
     def _draw_occluder(self, img: np.ndarray, k: int) -> None:
-        """A big foreground object crossing the frame every 30 frames, in about 8 frames."""
+        """A big foreground object crossing the frame every 40 frames, in about 16 frames."""
         w = self.width
-        period, cross = 30, 8
+        period, cross = 40, 16
         t = k % period
         if t >= cross:
             return

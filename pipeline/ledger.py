@@ -9,6 +9,7 @@ that error and none of its clips are written; a rejected one keeps the probe's r
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ class VideoResult:
 
     video: dict[str, Any]
     clips: list[dict[str, Any]] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def media_bytes(self) -> int:
@@ -59,7 +61,11 @@ def video_result(rows: list[dict[str, Any]], media: str = "kept", thumbnails: bo
     )}
     video.update(status=status, reason=reason, n_clips=len(clips), n_kept=sum(1 for c in clips if c["kept"]),
                  committed_at=now)
-    return VideoResult(video, clips)
+    spent: dict[str, float] = {}
+    for r in rows:
+        for k, v in json.loads(r.get("_timings") or "{}").items():
+            spent[k] = spent.get(k, 0.0) + v
+    return VideoResult(video, clips, spent)
 
 
 def _clip_row(r: dict[str, Any], media: str, thumbnails: bool) -> dict[str, Any]:

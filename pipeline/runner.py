@@ -72,6 +72,7 @@ class RunStats:
     status: Counter = field(default_factory=Counter)
     reasons: Counter = field(default_factory=Counter)
     clip_rejects: Counter = field(default_factory=Counter)
+    stage_seconds: Counter = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
     elapsed_s: float = 0.0
 
@@ -86,6 +87,7 @@ class RunStats:
         self.kept += sum(1 for c in res.clips if c["kept"])
         for c in res.clips:
             self.clip_rejects.update(c["reject_reasons"])
+        self.stage_seconds.update(res.stage_seconds)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +95,7 @@ class RunStats:
             "video_seconds": round(self.video_seconds, 3), "clips": self.clips, "kept": self.kept,
             "shards": self.shards, "status": dict(self.status), "video_reasons": dict(self.reasons),
             "clip_rejects": dict(self.clip_rejects), "elapsed_s": round(self.elapsed_s, 3),
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
         }
 
 
@@ -273,7 +276,8 @@ def _live_view(stats: RunStats, pending: _Pending) -> RunStats:
     view = RunStats(total=stats.total, skipped=stats.skipped, videos=stats.videos,
                     video_seconds=stats.video_seconds, clips=stats.clips, kept=stats.kept, shards=stats.shards,
                     status=Counter(stats.status), reasons=Counter(stats.reasons),
-                    clip_rejects=Counter(stats.clip_rejects), started=stats.started)
+                    clip_rejects=Counter(stats.clip_rejects), stage_seconds=Counter(stats.stage_seconds),
+                    started=stats.started)
     for r in pending.results:
         view.add(r)
     view.elapsed_s = time.monotonic() - stats.started

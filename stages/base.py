@@ -13,7 +13,9 @@ a row whose `status` is "rejected" (set by probe for unreadable inputs, with `re
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 import traceback
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 
 ERROR = "error"
 CLIP_INDEX = "clip_index"
+TIMINGS = "_timings"  # JSON {stage: seconds} carried by work rows
 
 
 class InjectedFault(RuntimeError):
@@ -96,6 +99,7 @@ class RowStage(Stage):
     def _run_row(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         if not self._live(row):
             return [dict(row, **{CLIP_INDEX: -1}) if self.level == "fanout" else row]
+        t0 = time.perf_counter()
         try:
             if self.inject_fault and self.inject_fault in str(row.get("uri")):
                 raise InjectedFault(f"injected fault for {row.get('uri')}")
@@ -110,6 +114,11 @@ class RowStage(Stage):
         rows = out if isinstance(out, list) else [out]
         if not rows:
             raise RuntimeError(f"stage {self.name} returned no row for {row.get('uri')}")
+        # Seconds spent per stage travel with the rows; a fan-out stage books them on its first row only,
+        # so summing a video's rows counts every stage once.
+        spent = json.loads(row.get(TIMINGS) or "{}")
+        spent[self.name] = spent.get(self.name, 0.0) + (time.perf_counter() - t0)
+        rows = [dict(r, **{TIMINGS: json.dumps(spent) if i == 0 else None}) for i, r in enumerate(rows)]
         return rows
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -120,9 +129,10 @@ class RowStage(Stage):
 
 
 def output_schema(schema: pa.Schema, stage: type[Stage] | Stage) -> pa.Schema:
-    """The schema a stage returns for a given input schema: input minus `drops`, plus `adds`."""
-    fields = [f for f in schema if f.name not in stage.drops and f.name not in stage.adds]
+    """The schema a stage returns for a given input schema: input minus `drops`, plus `adds` (+ timings)."""
+    fields = [f for f in schema if f.name not in stage.drops and f.name not in stage.adds and f.name != TIMINGS]
     fields += [pa.field(name, typ) for name, typ in stage.adds.items()]
+    fields.append(pa.field(TIMINGS, pa.string()))
     return pa.schema(fields)
 
 

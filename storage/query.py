@@ -42,6 +42,7 @@ from typing import IO, Any
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from clipmill.storage.schema import CLIPS_SCHEMA, VIDEOS_SCHEMA
 from clipmill.storage.shards import committed_files
 

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import duckdb
+
 from clipmill.storage.query import QueryError, connect
 from clipmill.storage.schema import STATUSES
 
@@ -162,7 +163,7 @@ def format_stats(stats: dict[str, Any]) -> str:
         bar = "#" * (round(30 * b["count"] / peak) if peak else 0)
         lines.append(f"  {b['lo']:8.2f} - {b['hi']:8.2f}  {b['count']:6d}  {bar}")
 
-    lines.append("scores (all clips): " + ("" if any(s["count"] for s in stats["scores"].values()) else "none"))
+    lines.append("scores (all clips):" + ("" if any(s["count"] for s in stats["scores"].values()) else " none"))
     width = max(len(k) for k in stats["scores"])
     for name, s in stats["scores"].items():
         if s["count"]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from clipmill.storage.query import QueryError
 from clipmill.storage.schema import CLIPS_SCHEMA, VIDEOS_SCHEMA
 from clipmill.storage.shards import ShardWriter

@@ -156,7 +156,9 @@ def test_span_past_the_end_is_an_error_row_not_a_crash(inputs):
     src = Source(inputs["valid"])
     # an `error` column must be present: stages/base.py keeps only the input columns plus `adds`
     rows = [dict(src.row(50, 59), end_frame=80, end_pts=None, error=None), dict(src.row(0, 12, 1), error=None)]
-    out = Transcode()(pa.Table.from_pylist(rows)).to_pylist()
+    table = pa.Table.from_pylist(rows)
+    table = table.set_column(table.schema.get_field_index("error"), "error", table["error"].cast(pa.string()))
+    out = Transcode()(table).to_pylist()
     assert out[0]["error"].startswith("transcode: RuntimeError: wrote 10 frames")
     assert out[0]["media"] is None
     check_clip(out[1], src)
