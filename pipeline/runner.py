@@ -112,14 +112,15 @@ def init_ray(address: str | None, recipe: Recipe) -> bool:
 
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
     else:
         rt = recipe.runtime
         store = rt.object_store_mb * 2**20 if rt.object_store_mb else 2 * 2**30
-        ray.init(num_cpus=rt.num_cpus or os.cpu_count(), object_store_memory=store, **kwargs)
+        ray.init(num_cpus=rt.num_cpus or os.cpu_count(), object_store_memory=store, include_dashboard=False,
+                 **kwargs)
     return True
 
 
