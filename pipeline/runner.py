@@ -32,6 +32,7 @@ import pyarrow as pa
 import clipmill
 from clipmill.pipeline.inputs import InputItem
 from clipmill.pipeline.ledger import Assembler, VideoResult
+from clipmill.pipeline.plan import INPUT_SCHEMA
 from clipmill.pipeline.recipe import Recipe
 from clipmill.pipeline.registry import stage_class
 from clipmill.pipeline.worker import StageCall, drop_transient, fault_for
@@ -131,8 +132,10 @@ def build_plan(items: list[InputItem], recipe: Recipe) -> Any:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.max_errored_blocks = -1  # a block lost after retries is ledgered `failed` by the driver, not fatal
-    rows = [{"uri": it.uri, "source_caption": it.source_caption, "error": None} for it in items]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    # One block per video, typed with INPUT_SCHEMA (so an all-NULL column is still a string column).
+    blocks = [pa.Table.from_pylist([{"uri": it.uri, "source_caption": it.source_caption, "error": None}],
+                                   schema=INPUT_SCHEMA) for it in items]
+    ds = ray.data.from_arrow(blocks)
     remote_args = {"max_retries": recipe.runtime.max_task_retries, "retry_exceptions": False}
     for spec in recipe.stages:
         cls = stage_class(spec.name)

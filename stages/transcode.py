@@ -13,7 +13,9 @@ definition of a frame index (see storage/schema.py). Frames are scaled so the lo
 `max_side` (even sizes, aspect kept), turned upright when the source has a 90/180/270 degree display
 rotation, and encoded with libx264 (yuv420p) at a constant frame rate equal to the source fps, into an
 MP4 whose index (`moov`) sits before the media data, so it can be streamed.
-Audio is not copied. Media bytes are reproducible for the same FFmpeg build and thread count.
+Audio is not copied. The decoded frames of a clip are reproducible, its bytes are not guaranteed to be:
+libx264 in PyAV 18.1 was seen to give slightly different bitstreams for the same input on rare runs,
+so `media_sha256` identifies the stored bytes, not the clip (use `clip_id` for that).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class TranscodeConfig(StageConfig):
             sizes are always rounded down to even numbers, as yuv420p needs).
         crf: libx264 constant rate factor (0 lossless .. 51 worst; 18-23 is visually good).
         preset: libx264 speed/size preset.
-        threads: libx264 threads (0 = FFmpeg's choice). Output bytes are reproducible only for a fixed count.
+        threads: libx264 threads (0 = FFmpeg's choice).
     """
 
     max_side: int = Field(512, ge=0)
