@@ -129,10 +129,14 @@ class RowStage(Stage):
 
 
 def output_schema(schema: pa.Schema, stage: type[Stage] | Stage) -> pa.Schema:
-    """The schema a stage returns for a given input schema: input minus `drops`, plus `adds` (+ timings)."""
-    fields = [f for f in schema if f.name not in stage.drops and f.name not in stage.adds and f.name != TIMINGS]
+    """The schema a stage returns for a given input schema: input minus `drops`, plus `adds`.
+
+    Every output also has `error` and `_timings` (strings), whatever the input had.
+    """
+    own = set(stage.adds) | {ERROR, TIMINGS}
+    fields = [f for f in schema if f.name not in stage.drops and f.name not in own]
     fields += [pa.field(name, typ) for name, typ in stage.adds.items()]
-    fields.append(pa.field(TIMINGS, pa.string()))
+    fields += [pa.field(ERROR, pa.string()), pa.field(TIMINGS, pa.string())]
     return pa.schema(fields)
 
 

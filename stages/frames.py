@@ -96,9 +96,7 @@ def decode_sample(media: bytes, n: int, max_side: int, thumb_side: int) -> tuple
                 thumb = frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="AREA")
             if i >= last:
                 break
-    if not picked or thumb is None:
-        raise ValueError(f"media decoded to {len(picked)} of {len(wanted)} sampled frames (container says {total})")
-    if len(picked) != len(wanted):
+    if thumb is None or len(picked) != len(wanted):
         raise ValueError(f"media decoded to {len(picked)} of {len(wanted)} sampled frames (container says {total})")
     return np.stack(picked), thumb
 

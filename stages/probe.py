@@ -6,10 +6,12 @@ One row per input video (level "video"). Reads `uri` (a local path or a `file://
 
 A bad input is normal input: a missing, empty, garbage, truncated or audio-only file, or one whose first
 video frame does not decode, becomes a row with `status` = "rejected" and a short machine-friendly
-`reason` ("not_found", "empty_file", "unreadable: <ffmpeg message>", "no_video_stream",
-"truncated: ...", "zero_duration", "unknown_fps", "undecodable: ...", "too_small: WxH"). Only a good
-file gets `status` = "done". The probe decodes just the first video frame; it does not decode the
-whole file, so damage further in is found by later stages (split counts the exact frames).
+`reason` ("not_found", "not_a_file", "unsupported_uri: ...", "empty_file", "unreadable: <ffmpeg message>",
+"no_video_stream", "truncated: ...", "zero_duration", "unknown_fps", "undecodable: ...", "too_small: WxH").
+A row whose bytes cannot be read, or an empty file, gets a `video_id` from a hash of its uri instead, so
+it is still ledgered once. Only a good file gets `status` = "done". The probe decodes just the first
+video frame; it does not decode the whole file, so damage further in is found by later stages (split
+counts the exact frames). `rotation` is the display matrix's counter-clockwise angle in [0, 360).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 _ADDED = ("video_id", "size_bytes", "container", "codec", "pix_fmt", "duration_s", "fps", "width", "height",
           "rotation", "n_frames", "has_audio", "status", "reason")
 _TYPES = {f.name: f.type for f in VIDEO_FIELDS}
-_FFMPEG_ERRORS = (av.error.FFmpegError, OSError, ValueError, EOFError, MemoryError)
+_FFMPEG_ERRORS = (av.error.FFmpegError, OSError, ValueError, EOFError)
 
 # Demuxers that answer to several names: pick the one matching the file's extension, else the first.
 _EXT_ALIASES = {"mkv": "matroska", "m4v": "mp4", "qt": "mov"}
@@ -145,7 +147,8 @@ def probe_file(uri: str, cfg: ProbeConfig | None = None) -> dict[str, Any]:
         res["video_id"] = _uri_id(uri)
         return reject(f"unreadable: {type(exc).__name__}: {exc.strerror or exc}")
     res["size_bytes"] = size
-    if size == 0:
+    if size == 0:  # no content to identify it: a content id would be shared by every empty file
+        res["video_id"] = _uri_id(uri)
         return reject("empty_file")
 
     try:
