@@ -16,6 +16,7 @@ committed under another URI is ledgered `rejected` (duplicate_content) so no cli
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
 import os
@@ -136,7 +137,9 @@ def build_plan(items: list[InputItem], recipe: Recipe) -> Any:
     blocks = [pa.Table.from_pylist([{"uri": it.uri, "source_caption": it.source_caption, "error": None}],
                                    schema=INPUT_SCHEMA) for it in items]
     ds = ray.data.from_arrow(blocks)
-    remote_args = {"max_retries": recipe.runtime.max_task_retries, "retry_exceptions": False}
+    # Retries cover crashed workers (OOM, SIGKILL); exceptions are already per-row data.
+    remote_args = {"ray_remote_args_fn": functools.partial(
+        dict, max_retries=recipe.runtime.max_task_retries, retry_exceptions=False)}
     for spec in recipe.stages:
         cls = stage_class(spec.name)
         call = StageCall(spec.name, spec.config.model_dump_json(), fault_for(spec.name))

@@ -396,34 +396,40 @@ def _blend_windows(rows: np.ndarray, h: int, p: HybridParams, blocked: np.ndarra
     return found
 
 
-def _trim_transition(rows: np.ndarray, a: int, b: int, still: np.ndarray) -> list[tuple[int, int]]:
-    """Split a merged blend region at still runs (e.g. black between a fade-out and a fade-in) and trim
-    each piece to the frames that are neither end frame: [first, last] of the actual transition."""
-    pieces, start = [], a
-    k = a
-    while k <= b:
-        if still[k]:
-            run_end = k
-            while run_end + 1 <= b and still[run_end + 1]:
-                run_end += 1
-            if run_end - k + 1 >= 3:
-                pieces.append((start, k))
-                start = run_end
-            k = run_end + 1
-        else:
-            k += 1
-    pieces.append((start, b))
-    out = []
-    for s, e in pieces:
-        if e - s < 2:
-            continue
-        ks = np.arange(s, e + 1)
-        ba = rows[e].astype(np.float32) - rows[s]
-        alpha = ((rows[ks].astype(np.float32) - rows[s]) @ ba) / (float(ba @ ba) + 1e-6)
-        inside = np.flatnonzero((alpha > 0.02) & (alpha < 0.98))
-        if len(inside):
-            out.append((int(ks[inside[0]]), int(ks[inside[-1]])))
-    return out
+def _blend_deviation(rows: np.ndarray, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """For frames s..e: (alpha, deviation) of each frame from the straight blend between frames s and e."""
+    ks = np.arange(s, e + 1)
+    a = rows[s].astype(np.float32)
+    ba = rows[e].astype(np.float32) - a
+    fa = rows[ks].astype(np.float32) - a
+    alpha = (fa @ ba) / (float(ba @ ba) + 1e-6)
+    return alpha, np.abs(fa - alpha[:, None] * ba) @ _PLANE_W
+
+
+def _split_path(rows: np.ndarray, s: int, e: int, tol: float, min_change: float) -> list[tuple[int, int]]:
+    """Split frames s..e into pieces that are each close to a straight blend of their end frames.
+
+    Douglas-Peucker on the frame trajectory: split at the frame farthest from the s-e blend while it is
+    farther than ``tol`` times the s-e change (a fade-out running into a fade-in bends at the dark frame).
+    Pieces whose end frames differ by less than ``min_change`` (e.g. black stretches) are dropped.
+    """
+    change = float(_row_dist(rows, np.array([s]), np.array([e]))[0])
+    if e - s < 2:
+        return [(s, e)] if change >= min_change else []
+    _, dev = _blend_deviation(rows, s, e)
+    k = int(np.argmax(dev[1:-1])) + 1
+    if dev[k] > tol * max(change, min_change):
+        return _split_path(rows, s, s + k, tol, min_change) + _split_path(rows, s + k, e, tol, min_change)
+    return [(s, e)] if change >= min_change else []
+
+
+def _trim_transition(rows: np.ndarray, s: int, e: int) -> tuple[int, int] | None:
+    """Trim a blend piece to the frames strictly between its end frames' looks: [first, last] or None."""
+    alpha, _ = _blend_deviation(rows, s, e)
+    inside = np.flatnonzero((alpha > 0.02) & (alpha < 0.98))
+    if not len(inside):
+        return None
+    return s + int(inside[0]), s + int(inside[-1])
 
 
 def _find_transitions(rows: np.ndarray, cuts: list[int], flashes: list[tuple[int, int]], p: HybridParams):
@@ -439,13 +445,13 @@ def _find_transitions(rows: np.ndarray, cuts: list[int], flashes: list[tuple[int
     windows = []
     for h in p.blend_windows:
         windows += _blend_windows(rows, h, p, blocked)
-    still = np.zeros(n, bool)
-    idx = np.arange(1, n)
-    still[1:] = _row_dist(rows, idx, idx - 1) < 0.75
     out = []
     for a, b in _merge_spans(windows):
-        out += _trim_transition(rows, a, b, still)
-    return out
+        for s, e in _split_path(rows, a, b, 2 * p.blend_max_residual, p.blend_min_change):
+            span = _trim_transition(rows, s, e)
+            if span is not None and span[1] - span[0] >= 1:
+                out.append(span)
+    return _merge_spans(out)
 
 
 def _hybrid(small: SmallFrames, p: HybridParams) -> tuple[list[int], list[tuple[int, int]], list[tuple[int, int]]]:
