@@ -87,6 +87,7 @@ class _Progress:
         self._bar = None
         self._task = None
         self._last = 0.0
+        self._final_shown = False
 
     def __enter__(self) -> _Progress:
         if self.live:
@@ -116,9 +117,13 @@ class _Progress:
                 f"videos/s, {rate:.1f}x realtime")
         if self._bar is not None:
             self._bar.update(self._task, total=stats.total, completed=stats.videos, info=info)
-        elif time.monotonic() - self._last > 10 or stats.videos == stats.total:
-            self._last = time.monotonic()
-            click.echo(f"clipmill: {stats.videos}/{stats.total} videos | {info}", err=True)
+            return
+        final = stats.videos >= stats.total
+        if self._final_shown or not (final or time.monotonic() - self._last > 10):
+            return
+        self._last, self._final_shown = time.monotonic(), final
+        eta = (stats.total - stats.videos) * stats.elapsed_s / stats.videos if stats.videos else float("nan")
+        click.echo(f"clipmill: {stats.videos}/{stats.total} videos | {info} | ETA {eta:.0f} s", err=True)
 
 
 def _print_summary(out: str, stats) -> None:  # noqa: ANN001 - RunStats

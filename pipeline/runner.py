@@ -16,12 +16,12 @@ committed under another URI is ledgered `rejected` (duplicate_content) so no cli
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import hashlib
 import logging
 import os
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,15 +131,18 @@ def build_plan(items: list[InputItem], recipe: Recipe) -> Any:
     import ray  # noqa: PLC0415
 
     ctx = ray.data.DataContext.get_current()
+    if not log.isEnabledFor(logging.INFO):  # Ray Data's plan/progress chatter only with -v
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx.enable_progress_bars = False
     ctx.max_errored_blocks = -1  # a block lost after retries is ledgered `failed` by the driver, not fatal
     # One block per video, typed with INPUT_SCHEMA (so an all-NULL column is still a string column).
     blocks = [pa.Table.from_pylist([{"uri": it.uri, "source_caption": it.source_caption, "error": None}],
                                    schema=INPUT_SCHEMA) for it in items]
     ds = ray.data.from_arrow(blocks)
-    # Retries cover crashed workers (OOM, SIGKILL); exceptions are already per-row data.
-    remote_args = {"ray_remote_args_fn": functools.partial(
-        dict, max_retries=recipe.runtime.max_task_retries, retry_exceptions=False)}
+    # Retries cover crashed workers (OOM, SIGKILL); exceptions are already per-row data. Ray Data's own
+    # default is to retry forever, which would hang a run on an input that always kills its worker.
+    # (Passed as plain remote args: deprecated in Ray 2.60 with no named replacement yet; ray is pinned <2.64.)
+    remote_args = {"max_retries": recipe.runtime.max_task_retries, "retry_exceptions": False}
     for spec in recipe.stages:
         cls = stage_class(spec.name)
         call = StageCall(spec.name, spec.config.model_dump_json(), fault_for(spec.name))
@@ -150,9 +153,13 @@ def build_plan(items: list[InputItem], recipe: Recipe) -> Any:
                 num_gpus=cls.num_gpus or None, concurrency=(1, max(1, int(os.cpu_count() or 1))),
             )
         else:
-            ds = ds.map_batches(call, batch_size=None, batch_format="pyarrow", num_cpus=cls.num_cpus,
-                                **remote_args)
-    return ds.map_batches(drop_transient, batch_size=None, batch_format="pyarrow", **remote_args)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                ds = ds.map_batches(call, batch_size=None, batch_format="pyarrow", num_cpus=cls.num_cpus,
+                                    **remote_args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ds.map_batches(drop_transient, batch_size=None, batch_format="pyarrow", **remote_args)
 
 
 class _ActorStage:

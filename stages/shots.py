@@ -287,6 +287,9 @@ class HybridParams:
     blend_windows: half-lengths (frames) of the windows tested for linear blends (dissolves, fades).
     blend_min_change: a blend window's end frames must differ at least this much (mean |d| over YUV).
     blend_max_residual: the middle frames' deviation from the best blend, as a fraction of the end change.
+    dip_*: the variance-dip test for dissolves between moving shots (see ``_dip_windows``): window
+    half-lengths, minimum luma variance of the end frames, curve fit tolerance, dip depth, block-blend residual.
+    window: neighbours each side whose median change a cut is compared with.
     """
 
     cut_ratio: float = 3.0
@@ -296,6 +299,11 @@ class HybridParams:
     blend_windows: tuple[int, ...] = (5, 10, 20)
     blend_min_change: float = 8.0
     blend_max_residual: float = 0.15
+    dip_windows: tuple[int, ...] = (5, 8, 12, 16)
+    dip_min_variance: float = 20.0
+    dip_fit: float = 0.07
+    dip_depth: float = 0.65
+    dip_blend_residual: float = 0.6
     window: int = 4
 
     def tag(self) -> str:
@@ -396,6 +404,51 @@ def _blend_windows(rows: np.ndarray, h: int, p: HybridParams, blocked: np.ndarra
     return found
 
 
+def _coarse(rows: np.ndarray) -> np.ndarray:
+    """8x5 block means of Y, U and V (float32, 120 values per frame): blends stay blends, motion blurs."""
+    n = len(rows)
+    y = rows[:, :_Y_LEN].reshape(n, SMALL_H, SMALL_W)[:, 1:26].reshape(n, 5, 5, 8, 6).mean(axis=(2, 4))
+    planes = [y.reshape(n, -1)]
+    for off in (_Y_LEN, _Y_LEN + _C_LEN):
+        c = rows[:, off : off + _C_LEN].reshape(n, CHROMA_H, CHROMA_W)[:, 2:12]
+        planes.append(c.reshape(n, 5, 2, 8, 3).mean(axis=(2, 4)).reshape(n, -1))
+    return np.concatenate(planes, axis=1).astype(np.float32)
+
+
+def _dip_windows(rows: np.ndarray, var: np.ndarray, h: int, p: HybridParams, blocked: np.ndarray):
+    """Dissolves between moving shots: windows [c-h, c+h] whose luma variance dips like a cross-fade.
+
+    Cross-fading two unrelated textured frames with weight t gives variance about (1-t)^2 va + t^2 vb:
+    a smooth dip to roughly half in the middle, which camera or object motion rarely produces. Backed by
+    a loose blend test on 8x5 block means (motion-tolerant) with the weight rising through the window.
+    """
+    n = len(rows)
+    if n < 2 * h + 1:
+        return []
+    centres = np.arange(h, n - h)
+    va, vb, vc = var[centres - h], var[centres + h], var[centres]
+    mean_v = (va + vb) / 2
+    t = np.linspace(0.0, 1.0, 2 * h + 1, dtype=np.float32)
+    curve = np.lib.stride_tricks.sliding_window_view(var, 2 * h + 1)[: len(centres)]
+    model = (1 - t) ** 2 * va[:, None] + t**2 * vb[:, None]
+    fit = np.abs(curve - model).mean(axis=1) / (mean_v + 1e-6)
+    csum = np.concatenate([[0], np.cumsum(blocked)])
+    free = (csum[centres + h + 1] - csum[centres - h + 1]) == 0
+    keep = free & (np.minimum(va, vb) >= p.dip_min_variance) & (fit <= p.dip_fit) & (vc <= p.dip_depth * mean_v)
+    found = []
+    for c in centres[keep].tolist():
+        g = _coarse(rows[[c - h, c - h // 2, c, c + h // 2, c + h]])
+        ba = g[4] - g[0]
+        change = float(np.abs(ba).mean())
+        if change < p.blend_min_change:
+            continue
+        alpha = (g[1:4] - g[0]) @ ba / (float(ba @ ba) + 1e-6)
+        resid = np.abs(g[1:4] - g[0] - alpha[:, None] * ba).mean(axis=1).max()
+        if alpha[0] < alpha[1] < alpha[2] and 0.2 < alpha[1] < 0.8 and resid <= p.dip_blend_residual * change:
+            found.append((c - h + 1, c + h - 1))
+    return found
+
+
 def _blend_deviation(rows: np.ndarray, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
     """For frames s..e: (alpha, deviation) of each frame from the straight blend between frames s and e."""
     ks = np.arange(s, e + 1)
@@ -416,9 +469,13 @@ def _split_path(rows: np.ndarray, s: int, e: int, tol: float, min_change: float)
     change = float(_row_dist(rows, np.array([s]), np.array([e]))[0])
     if e - s < 2:
         return [(s, e)] if change >= min_change else []
-    _, dev = _blend_deviation(rows, s, e)
+    alpha, dev = _blend_deviation(rows, s, e)
     k = int(np.argmax(dev[1:-1])) + 1
-    if dev[k] > tol * max(change, min_change):
+    bend = dev[k] > tol * max(change, min_change)
+    overshoot = np.maximum(alpha[1:-1] - 1, -alpha[1:-1])  # the path goes past an end and comes back
+    if not bend and overshoot.max() > 0.1:
+        k, bend = int(np.argmax(overshoot)) + 1, True
+    if bend:
         return _split_path(rows, s, s + k, tol, min_change) + _split_path(rows, s + k, e, tol, min_change)
     return [(s, e)] if change >= min_change else []
 
@@ -451,6 +508,9 @@ def _find_transitions(rows: np.ndarray, cuts: list[int], flashes: list[tuple[int
             span = _trim_transition(rows, s, e)
             if span is not None and span[1] - span[0] >= 1:
                 out.append(span)
+    var = rows[:, :_Y_LEN].astype(np.float32).var(axis=1)
+    for h in p.dip_windows:
+        out += _dip_windows(rows, var, h, p, blocked)
     return _merge_spans(out)
 
 
@@ -593,15 +653,16 @@ def _hybrid_params(params: dict) -> HybridParams:
     if unknown:
         raise ValueError(f"unknown params {unknown} for detector 'default'; allowed: {allowed}")
     p = dict(params)
-    if "blend_windows" in p:
-        p["blend_windows"] = tuple(int(x) for x in p["blend_windows"])
+    for key in ("blend_windows", "dip_windows"):
+        if key in p:
+            p[key] = tuple(int(x) for x in p[key])
     try:
         hp = HybridParams(**p)
     except TypeError as exc:
         raise ValueError(f"bad params for detector 'default': {exc}") from exc
     bad = [k for k in ("cut_ratio", "min_cut_change", "flash_similarity", "blend_max_residual")
            if not float(getattr(hp, k)) > 0]
-    if bad or hp.window < 1 or hp.flash_s < 0 or not hp.blend_windows or min(hp.blend_windows) < 2:
+    if bad or hp.window < 1 or hp.flash_s < 0 or min(hp.blend_windows + hp.dip_windows, default=2) < 2:
         raise ValueError(f"bad params for detector 'default': {params}")
     return hp
 
