@@ -60,14 +60,24 @@ def _tree_rss(root: int) -> tuple[int, int]:
     return _rss(root), total
 
 
+# 20.2 s at 25 fps: five shots of 2.4-5.6 s joined by cuts, a dissolve and a fade, with a flash and a static shot.
+SHOTS = [
+    synth.Shot(120, "pan"),
+    synth.Shot(100, "zoom", flashes=((40, 2),)),
+    synth.Shot(140, "fast", enter="dissolve", enter_frames=20),
+    synth.Shot(60, "static"),
+    synth.Shot(55, "pan", enter="fade", enter_frames=15),
+]
+
+
 def make_inputs(d: Path, n: int) -> list[Path]:
-    """n distinct generated videos (6.4 s, 320x180, 4 shots each; different seeds so no duplicate content)."""
+    """n distinct generated 480x270 videos (SHOTS; a different seed each, so no duplicate content)."""
     d.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
         p = d / f"v{i:03d}.mp4"
         if not p.exists():
-            synth.make_case("cuts", p, seed=100 + i, width=320, height=180)
+            synth.make_shots_video(p, SHOTS, width=480, height=270, seed=100 + i)
         paths.append(p)
     return paths
 

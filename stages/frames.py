@@ -60,17 +60,6 @@ def _fit(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, int(round(width * scale))), max(1, int(round(height * scale)))
 
 
-def unpack_frames(blob: bytes, shape: list[int] | tuple[int, ...]) -> np.ndarray:
-    """The (n, h, w, 3) uint8 array stored in a `frames` blob with its `frames_shape`; a read-only view."""
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 4 or shape[3] != 3:
-        raise ValueError(f"frames_shape must be [n, h, w, 3], got {list(shape)}")
-    arr = np.frombuffer(blob, dtype=np.uint8)
-    if arr.size != int(np.prod(shape)):
-        raise ValueError(f"frames blob has {arr.size} bytes, shape {list(shape)} needs {int(np.prod(shape))}")
-    return arr.reshape(shape)
-
-
 def decode_sample(media: bytes, n: int, max_side: int, thumb_side: int) -> tuple[np.ndarray, np.ndarray]:
     """Decode MP4 bytes once; return (sampled RGB frames (k, h, w, 3), middle frame RGB at thumb size)."""
     with av.open(io.BytesIO(media), mode="r") as c:

@@ -33,6 +33,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from clipmill.stages.base import RowStage, StageConfig
+from clipmill.stages.framesets import unpack_frames
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +125,4 @@ class Quality(RowStage):
         blob, shape = row.get("frames"), row.get("frames_shape")
         if blob is None or shape is None:
             raise ValueError("row has no frames (run the frames stage first)")
-        shape = tuple(int(s) for s in shape)
-        if len(shape) != 4 or shape[3] != 3:
-            raise ValueError(f"frames_shape must be [n, h, w, 3], got {list(shape)}")
-        frames = np.frombuffer(blob, dtype=np.uint8)
-        if frames.size != int(np.prod(shape)):
-            raise ValueError(f"frames blob has {frames.size} bytes, frames_shape {list(shape)} needs more")
-        return dict(row, **quality_scores(frames.reshape(shape), self.cfg))  # type: ignore[arg-type]
+        return dict(row, **quality_scores(unpack_frames(blob, shape), self.cfg))

@@ -142,14 +142,19 @@ def _plane_array(plane) -> np.ndarray:
     return np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
 
 
-def _shrink(a: np.ndarray, w: int, h: int) -> np.ndarray:
-    """Area-average a plane down to w x h; crops a few edge pixels so the factor is an integer (fast path)."""
+def _shrink(a: np.ndarray, w: int, h: int, samples: int = 8) -> np.ndarray:
+    """Shrink a plane to w x h: nearest-neighbour sample a (samples*w) x (samples*h) grid, then area-average.
+
+    About 10x cheaper than a full area average of a 720p plane, and as good for detection: each output
+    pixel is the mean of up to 64 evenly spread source pixels. Small planes are resized directly.
+    """
     ph, pw = a.shape
-    kx, ky = pw // w, ph // h
-    if kx < 1 or ky < 1:
+    m = min(samples, pw // w, ph // h)
+    if m < 1:
         return cv2.resize(np.ascontiguousarray(a), (w, h), interpolation=cv2.INTER_LINEAR)
-    ox, oy = (pw - kx * w) // 2, (ph - ky * h) // 2
-    return cv2.resize(a[oy : oy + ky * h, ox : ox + kx * w], (w, h), interpolation=cv2.INTER_AREA)
+    if m * w != pw or m * h != ph:
+        a = cv2.resize(a, (m * w, m * h), interpolation=cv2.INTER_NEAREST)
+    return cv2.resize(a, (w, h), interpolation=cv2.INTER_AREA)
 
 
 def _iter_frames(source: Source, fast: bool) -> Iterator[tuple[av.VideoFrame, Fraction, Fraction]]:
@@ -195,7 +200,8 @@ def decode_small(source: Source, *, progress: Callable[[int], None] | None = Non
     rows, pts = [], []
     fps, time_base, full_range = Fraction(25), Fraction(1, 1), False
     tick = _progress_every(progress)
-    for frame, fps, time_base in _iter_frames(source, fast):
+    for frame, stream_fps, stream_tb in _iter_frames(source, fast):
+        fps, time_base = stream_fps, stream_tb
         if frame.format.name not in _PLANAR_YUV:
             frame = frame.reformat(format="yuv420p")
         elif not rows:
@@ -303,7 +309,7 @@ class HybridParams:
     dip_min_variance: float = 20.0
     dip_fit: float = 0.07
     dip_depth: float = 0.65
-    dip_blend_residual: float = 0.6
+    dip_blend_residual: float = 0.45
     window: int = 4
 
     def tag(self) -> str:
@@ -332,11 +338,33 @@ def _find_cuts(rows: np.ndarray, fps: float, p: HybridParams) -> tuple[list[int]
     cuts, flashes = [], []
     for i in cands.tolist():
         transient = _transient_end(rows, i, change[i], reach, p.flash_similarity)
-        if transient is None:
-            cuts.append(i)
-        else:
+        if transient is not None:
             flashes.append(transient)
-    return cuts, _merge_spans(flashes)
+        elif not _is_ramp(rows, i, change[i]):
+            cuts.append(i)
+    return _suppress_neighbours(cuts, change), _merge_spans(flashes)
+
+
+def _is_ramp(rows: np.ndarray, i: int, change: float, factor: float = 2.0) -> bool:
+    """True when the jump at frame i is the first or last step of a steady ramp (a fade starting from or
+    ending on a still shot), not a step: the change keeps growing past i, or had been growing up to i.
+    Across a real cut the distance between the two shots' frames stays about the same."""
+    n = len(rows)
+    if i + 2 < n and _row_dist(rows, np.array([i - 1]), np.array([i + 2]))[0] > factor * change:
+        return True
+    return i - 3 >= 0 and _row_dist(rows, np.array([i - 3]), np.array([i]))[0] > factor * change
+
+
+def _suppress_neighbours(cuts: list[int], change: np.ndarray, gap: int = 2) -> list[int]:
+    """Of cuts closer than ``gap`` frames, keep the one with the larger change (one cut, not a pair)."""
+    out: list[int] = []
+    for c in cuts:
+        if out and c - out[-1] < gap:
+            if change[c] > change[out[-1]]:
+                out[-1] = c
+        else:
+            out.append(c)
+    return out
 
 
 def _transient_end(rows: np.ndarray, i: int, change: float, reach: int, similarity: float) -> tuple[int, int] | None:
@@ -538,7 +566,8 @@ def _scenedetect(source: Source, name: str, params: dict, progress) -> tuple[Sho
     cuts: list[int] = []
     pts: list[int] = []
     fps, time_base = Fraction(25), Fraction(1, 1)
-    for arr, fps, time_base, pt in _decode_bgr(source, 256, progress):
+    for arr, stream_fps, stream_tb, pt in _decode_bgr(source, 256, progress):
+        fps, time_base = stream_fps, stream_tb
         tc = FrameTimecode(len(pts), fps=fps)
         pts.append(pt)
         cuts += [c.frame_num for c in det.process_frame(tc, arr)]

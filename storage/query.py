@@ -196,14 +196,20 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[Any]:
     CALL, writing PRAGMAs, multi-statement PIVOT, ...). Nothing is executed here; one refused statement
     refuses the whole text. A parse error raises QueryError.
     """
+    statements = _extract(con, sql)
+    for stmt in statements:
+        _check_statement(con, stmt)
+    return statements
+
+
+def _extract(con: duckdb.DuckDBPyConnection, sql: str) -> list:
+    """The parsed statements of `sql`; QueryError on a parse error or an empty text."""
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as exc:
         raise QueryError(f"{exc}\nHint: {_hint(con)}") from exc
     if not statements:
         raise QueryError("no SQL statement given")
-    for stmt in statements:
-        _check_statement(con, stmt)
     return statements
 
 
@@ -226,12 +232,7 @@ def execute(con: duckdb.DuckDBPyConnection, sql: str, *, allow_external: bool = 
     and the views' columns as a hint. Does not close `con`.
     """
     if allow_external:
-        try:
-            statements = con.extract_statements(sql)
-        except duckdb.Error as exc:
-            raise QueryError(f"{exc}\nHint: {_hint(con)}") from exc
-        if not statements:
-            raise QueryError("no SQL statement given")
+        statements = _extract(con, sql)
     else:
         statements = check_read_only(con, sql)
     result = pa.table({})

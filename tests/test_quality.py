@@ -12,7 +12,8 @@ import pytest
 from pydantic import ValidationError
 
 from clipmill import badfiles
-from clipmill.stages.frames import Frames, FramesConfig, sample_indices, unpack_frames
+from clipmill.stages.frames import Frames, FramesConfig, sample_indices
+from clipmill.stages.framesets import unpack_frames
 from clipmill.stages.quality import Quality, QualityConfig, quality_scores
 from clipmill.stages.transcode import Transcode
 
