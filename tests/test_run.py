@@ -235,3 +235,15 @@ def test_kill_9_then_rerun_equals_clean_run(ray_session, clean_run, corpus, reci
     vids = read_table(out, "videos")["uri"].to_pylist()
     assert sorted(vids) == sorted(i.uri for i in clean_run["items"])
     assert not list(out.rglob(".*.tmp"))
+
+
+def test_limit_then_resume_covers_every_input_once(ray_session, clean_run, recipe_path, tmp_path):
+    items, out = clean_run["items"], tmp_path / "ds"
+    first = run(items, out, load_recipe(recipe_path), limit=3)
+    assert first.total == 3 and first.videos == 3
+    second = run(items, out, load_recipe(recipe_path))
+    assert second.skipped == 3 and second.videos == len(items) - 3
+    uris = read_table(out, "videos")["uri"].to_pylist()
+    assert sorted(uris) == sorted(i.uri for i in items)
+    got = sorted(read_table(out, "clips")["clip_id"].to_pylist())
+    assert got == sorted(read_table(clean_run["out"], "clips")["clip_id"].to_pylist())
