@@ -17,7 +17,14 @@ Detectors:
       after it) within ~0.16 s is a flash or other transient, not a cut;
     * gradual transitions: windows whose middle frames are, pixel for pixel, a linear blend
       ``(1 - a) * A + a * B`` of the frames at the window's ends, with ``a`` rising through the window
-      (a fade is a blend with black), checked at several window lengths and merged.
+      (a fade is a blend with black), checked at several window lengths, merged, split where the path
+      bends (fade-out into fade-in) and trimmed to the blended frames; plus, for dissolves between
+      moving shots where the pixel blend test fails, the classic luma-variance dip of a cross-fade
+      backed by a loose blend test on 8x5 block means.
+
+    Nothing is learned; thresholds are in :class:`HybridParams`. Known limits: dissolves between shots
+    with fast camera motion are found less reliably (and such motion can rarely look like a short
+    dissolve); transitions shorter than ~5 frames are reported, if at all, as cuts.
 
 ``content`` / ``adaptive``: PySceneDetect's ContentDetector / AdaptiveDetector, fed with frames decoded
     here at PySceneDetect's usual working width of 256 px. They report hard cuts only.
