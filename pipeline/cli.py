@@ -51,6 +51,7 @@ def run(inputs: tuple[str, ...], out: str, recipe: str, address: str | None, lim
     """
     from clipmill.pipeline.inputs import InputError, expand_inputs  # noqa: PLC0415
     from clipmill.pipeline.recipe import RecipeError, load_recipe  # noqa: PLC0415
+    from clipmill.pipeline.runner import RunError  # noqa: PLC0415
     from clipmill.pipeline.runner import run as run_pipeline  # noqa: PLC0415
     from clipmill.storage.shards import DatasetError  # noqa: PLC0415
 
@@ -72,6 +73,8 @@ def run(inputs: tuple[str, ...], out: str, recipe: str, address: str | None, lim
                                  argv=sys.argv[1:])
     except DatasetError as exc:
         _fail(str(exc))
+    except RunError as exc:
+        _fail(str(exc), code=1)
     except KeyboardInterrupt:
         click.echo(f"\nclipmill: interrupted; committed work is kept. Run the same command again to resume "
                    f"into {out}.", err=True)
@@ -159,11 +162,7 @@ def detect(videos: tuple[str, ...], detector: str, as_json: bool) -> None:
     for v in videos:
         try:
             res = detect_shots(v, detector)
-        except (OSError, ValueError) as exc:
-            failed += 1
-            _emit_detect_error(v, exc, as_json)
-            continue
-        except Exception as exc:  # noqa: BLE001 - av errors and the like: report per file, go on
+        except Exception as exc:  # noqa: BLE001 - a bad file (FFmpeg, OS, value errors): report it, go on
             failed += 1
             _emit_detect_error(v, exc, as_json)
             continue

@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 COMMIT_EVERY_S = 30.0
 
 
+class RunError(RuntimeError):
+    """The run stopped part-way for a reason outside any one input (e.g. the Ray cluster went away)."""
+
+
 @dataclass
 class RunStats:
     """Live counters of a run (what progress shows and the summary prints)."""
@@ -217,8 +221,15 @@ def run(
             _finish_run_json(out, meta, stats)
             return stats
         started_ray = init_ray(address, recipe)
+        import ray  # noqa: PLC0415
+
         try:
             _stream(todo, recipe, writer, out, meta, stats, done_vids, on_progress)
+        except ray.exceptions.RayError as exc:
+            raise RunError(
+                f"the Ray cluster failed mid-run ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''});"
+                f" {stats.shards} shard(s) committed this run are kept; run the same command again to resume"
+            ) from exc
         finally:
             if started_ray:
                 import ray  # noqa: PLC0415
