@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from clipmill.storage.schema import STATUS_DONE, STATUS_FAILED, STATUS_REJECTED, aspect_bucket
+from clipmill.storage.schema import CLIP_COLUMNS, STATUS_DONE, STATUS_FAILED, STATUS_REJECTED, aspect_bucket
 
 MEDIA_POLICIES = ("kept", "all", "none")
 
@@ -75,19 +75,15 @@ def _clip_row(r: dict[str, Any], media: str, thumbnails: bool) -> dict[str, Any]
     duration = r.get("clip_duration_s") or (r["end_s"] - r["start_s"])
     width, height = r.get("clip_width") or r.get("width"), r.get("clip_height") or r.get("height")
     keep_media = media == "all" or (media == "kept" and kept)
-    return {
-        "clip_id": r["clip_id"], "video_id": r["video_id"], "uri": r.get("uri"), "clip_index": r["clip_index"],
-        "start_frame": r["start_frame"], "end_frame": r["end_frame"], "start_s": r["start_s"],
-        "end_s": r["end_s"], "duration_s": duration, "n_frames": n_frames, "fps": r.get("fps"),
-        "width": width, "height": height, "aspect_bucket": aspect_bucket(width or 0, height or 0),
-        "brightness": r.get("brightness"), "contrast": r.get("contrast"), "sharpness": r.get("sharpness"),
-        "black_fraction": r.get("black_fraction"), "frame_diff": r.get("frame_diff"), "static": r.get("static"),
-        "kept": kept, "reject_reasons": list(r.get("reject_reasons") or []),
-        "source_caption": r.get("source_caption"),
-        "thumbnail": r.get("thumbnail") if thumbnails else None,
-        "media": r.get("media") if keep_media else None,
-        "media_codec": r.get("media_codec"), "media_sha256": r.get("media_sha256"),
-    }
+    row = {name: r.get(name) for name in CLIP_COLUMNS}  # every score a stage added, by schema name
+    row.update(
+        n_frames=n_frames, duration_s=duration, width=width, height=height,
+        aspect_bucket=aspect_bucket(width or 0, height or 0), kept=kept,
+        reject_reasons=list(r.get("reject_reasons") or []),
+        thumbnail=r.get("thumbnail") if thumbnails else None,
+        media=r.get("media") if keep_media else None,
+    )
+    return row
 
 
 @dataclass

@@ -27,7 +27,7 @@ def plan_schemas(recipe: Recipe) -> list[pa.Schema]:
     """The schema after each stage, starting with INPUT_SCHEMA (len = stages + 1)."""
     schemas = [INPUT_SCHEMA]
     for spec in recipe.stages:
-        schemas.append(output_schema(schemas[-1], stage_class(spec.name)))
+        schemas.append(output_schema(schemas[-1], stage_class(spec.name), spec.config))
     return schemas
 
 
@@ -56,7 +56,7 @@ def check_plan(recipe: Recipe) -> None:
             level = "clip"
         for c in cls.drops:
             have.discard(c)
-        for c in cls.adds:
+        for c in cls.added_columns(spec.config):
             have.add(c)
             providers[c] = spec.name
     missing = [c for c in WRITER_READS if c not in have]

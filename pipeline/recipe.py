@@ -143,6 +143,7 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
                 f"{_fmt_pydantic(f'{where}.{name}', exc)}; keys of {name}: {_allowed_keys(cls.Config)}"
             ) from None
         specs.append(StageSpec(name=name, config=config))
+    specs = _with_frame_sets(specs, source)
     names = [s.name for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -165,6 +166,29 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
 
     check_plan(recipe)
     return recipe
+
+
+def _with_frame_sets(specs: list[StageSpec], source: str) -> list[StageSpec]:
+    """Give the frames stage every frame set that the recipe's other stages declare (FrameSpec)."""
+    needed = [(s.name, fs) for s in specs for fs in stage_class(s.name).frame_sets]
+    if not needed:
+        return specs
+    at = next((i for i, s in enumerate(specs) if s.name == "frames"), None)
+    if at is None:
+        who = sorted({name for name, _ in needed})
+        raise RecipeError(f"{source}: stage(s) {who} read decoded frames; add '- frames: {{}}' before them")
+    from clipmill.stages.frames import FrameSetConfig  # noqa: PLC0415
+
+    cfg = specs[at].config
+    have = {e.name for e in cfg.extra_sets} | {"default"}
+    extra = list(cfg.extra_sets)
+    for _, fs in needed:
+        if fs.name not in have:
+            extra.append(FrameSetConfig(name=fs.name, n=fs.n, fps=fs.fps, max_side=fs.max_side))
+            have.add(fs.name)
+    out = list(specs)
+    out[at] = StageSpec(name="frames", config=cfg.model_copy(update={"extra_sets": tuple(extra)}))
+    return out
 
 
 def bundled_recipes() -> list[str]:

@@ -61,6 +61,6 @@ class StageCall:
 
 
 def drop_transient(batch: pa.Table) -> pa.Table:
-    """Remove worker-only columns (decoded frames) from a batch."""
-    keep = [c for c in batch.column_names if c not in TRANSIENT_COLUMNS]
+    """Remove worker-only columns (decoded frame sets `frames`, `frames_<set>`, and their shapes)."""
+    keep = [c for c in batch.column_names if c not in TRANSIENT_COLUMNS and not c.startswith("frames_")]
     return batch.select(keep)

@@ -18,6 +18,7 @@ import logging
 import time
 import traceback
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -32,6 +33,36 @@ TIMINGS = "_timings"  # JSON {stage: seconds} carried by work rows
 
 class InjectedFault(RuntimeError):
     """Raised by a stage on purpose (fault-injection tests)."""
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """A set of decoded frames a stage needs; the frames stage decodes each clip once for all sets.
+
+    Args:
+        name: set name; the frames stage writes `frames_<name>` and `frames_<name>_shape` ("default" is
+            `frames`/`frames_shape`).
+        n: that many evenly spaced frames, first and last included; or
+        fps: frames at this rate over the clip (at least 2).
+        max_side: longer side of the decoded frames in pixels.
+    """
+
+    name: str
+    n: int | None = None
+    fps: float | None = None
+    max_side: int = 256
+
+    def __post_init__(self) -> None:
+        if (self.n is None) == (self.fps is None):
+            raise ValueError(f"frame set {self.name!r}: give exactly one of n or fps")
+        if (self.n is not None and self.n < 1) or (self.fps is not None and self.fps <= 0) or self.max_side < 8:
+            raise ValueError(f"frame set {self.name!r}: n >= 1, fps > 0 and max_side >= 8 required")
+
+    @property
+    def columns(self) -> tuple[str, str]:
+        """(blob column, shape column) of this set."""
+        base = "frames" if self.name == "default" else f"frames_{self.name}"
+        return base, f"{base}_shape"
 
 
 class StageConfig(BaseModel):
@@ -51,6 +82,7 @@ class Stage(ABC):
         drops: columns it removes (e.g. decoded frames no later stage needs).
         num_cpus, num_gpus, batch_size: resources per call and rows per batch.
         uses_model: True for stages that hold a model (the runner gives them an actor pool).
+        frame_sets: decoded frame sets this stage reads (the frames stage provides them).
     """
 
     name: ClassVar[str]
@@ -63,9 +95,15 @@ class Stage(ABC):
     num_gpus: ClassVar[float] = 0.0
     batch_size: ClassVar[int] = 1
     uses_model: ClassVar[bool] = False
+    frame_sets: ClassVar[tuple[FrameSpec, ...]] = ()
 
     def __init__(self, cfg: StageConfig | None = None) -> None:
         self.cfg = cfg if cfg is not None else self.Config()
+
+    @classmethod
+    def added_columns(cls, cfg: StageConfig | None = None) -> dict[str, pa.DataType]:
+        """Columns added for a given config (most stages: `adds`; the frames stage depends on its sets)."""
+        return dict(cls.adds)
 
     @abstractmethod
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -88,6 +126,14 @@ class RowStage(Stage):
 
     def process(self, row: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
         raise NotImplementedError
+
+    def process_many(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Process several live rows at once (model stages override this to batch inference).
+
+        Returns one output row per input row, in order. If it raises, `__call__` falls back to `process`
+        row by row, so one bad row still fails alone. Not used by fan-out stages.
+        """
+        return [self.process(r) for r in rows]  # type: ignore[misc]
 
     def _live(self, row: dict[str, Any]) -> bool:
         if row.get(ERROR) or row.get("status") == "rejected":
@@ -122,20 +168,49 @@ class RowStage(Stage):
         return rows
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows: list[dict[str, Any]] = []
-        for row in batch.to_pylist():
-            rows.extend(self._run_row(row))
-        return to_table(rows, output_schema(batch.schema, self))
+        rows = batch.to_pylist()
+        schema = output_schema(batch.schema, type(self), self.cfg)
+        batched = self._batched(rows) if self._batches() else None
+        out: list[dict[str, Any]] = []
+        for i, row in enumerate(rows):
+            out.extend([batched[i]] if batched is not None and i in batched else self._run_row(row))
+        return to_table(out, schema)
+
+    def _batches(self) -> bool:
+        return self.level != "fanout" and type(self).process_many is not RowStage.process_many
+
+    def _batched(self, rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]] | None:
+        """Run `process_many` over the live rows; None (caller goes row by row) if it raises."""
+        live = [i for i, r in enumerate(rows) if self._live(r)
+                and not (self.inject_fault and self.inject_fault in str(r.get("uri")))]
+        if len(live) < 2:
+            return None
+        t0 = time.perf_counter()
+        try:
+            res = self.process_many([rows[i] for i in live])
+        except Exception as exc:  # noqa: BLE001 - retried row by row, where failures become `error`
+            log.warning("%s: batch of %d failed (%s); retrying row by row", self.name, len(live), exc)
+            return None
+        if len(res) != len(live):
+            raise RuntimeError(f"stage {self.name}.process_many returned {len(res)} rows for {len(live)}")
+        each = (time.perf_counter() - t0) / len(live)
+        done = {}
+        for i, r in zip(live, res, strict=True):
+            spent = json.loads(rows[i].get(TIMINGS) or "{}")
+            spent[self.name] = spent.get(self.name, 0.0) + each
+            done[i] = dict(r, **{TIMINGS: json.dumps(spent)})
+        return done
 
 
-def output_schema(schema: pa.Schema, stage: type[Stage] | Stage) -> pa.Schema:
-    """The schema a stage returns for a given input schema: input minus `drops`, plus `adds`.
+def output_schema(schema: pa.Schema, stage: type[Stage], cfg: StageConfig | None = None) -> pa.Schema:
+    """The schema a stage returns for a given input schema: input minus `drops`, plus its added columns.
 
     Every output also has `error` and `_timings` (strings), whatever the input had.
     """
-    own = set(stage.adds) | {ERROR, TIMINGS}
+    adds = stage.added_columns(cfg)
+    own = set(adds) | {ERROR, TIMINGS}
     fields = [f for f in schema if f.name not in stage.drops and f.name not in own]
-    fields += [pa.field(name, typ) for name, typ in stage.adds.items()]
+    fields += [pa.field(name, typ) for name, typ in adds.items()]
     fields += [pa.field(ERROR, pa.string()), pa.field(TIMINGS, pa.string())]
     return pa.schema(fields)
 

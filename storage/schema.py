@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCHEMA_MAJOR = int(SCHEMA_VERSION.split(".")[0])
 
 # videos.status values
@@ -71,6 +71,26 @@ CLIP_FIELDS: list[pa.Field] = [
     pa.field("black_fraction", pa.float32()),
     pa.field("frame_diff", pa.float32()),
     pa.field("static", pa.bool_()),
+    # technical quality beyond the basics (1.1)
+    pa.field("brisque", pa.float32()),
+    pa.field("blockiness", pa.float32()),
+    pa.field("exposure", pa.float32()),
+    pa.field("letterbox", pa.list_(pa.int32())),
+    pa.field("slideshow", pa.bool_()),
+    # motion (stages/motion.py, 1.1)
+    pa.field("motion_score", pa.float32()),
+    pa.field("camera_motion", pa.string()),
+    # on-screen text (stages/ocr.py, 1.1)
+    pa.field("text_area", pa.float32()),
+    pa.field("ocr_text", pa.string()),
+    # safety (stages/safety.py, 1.1)
+    pa.field("nsfw_score", pa.float32()),
+    # aesthetics and embeddings (stages/aesthetics.py, stages/embedding.py, 1.1)
+    pa.field("aesthetic_score", pa.float32()),
+    pa.field("embedding", pa.list_(pa.float32())),
+    pa.field("embedding_model", pa.string()),
+    # near-duplicates (storage/dedup.py, 1.1): clip_id of the best member of this clip's duplicate group
+    pa.field("duplicate_of", pa.string()),
     # filter (stages/filter.py)
     pa.field("kept", pa.bool_()),
     pa.field("reject_reasons", pa.list_(pa.string())),
