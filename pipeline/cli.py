@@ -208,6 +208,26 @@ def sql(out: str, query: str, fmt: str, output: str | None, allow_external: bool
         _fail(str(exc))
 
 
+# ------------------------------------------------------------------------------------------- dedup
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, show_default=True,
+              help="Cosine similarity of clip embeddings at which two clips are the same footage.")
+@click.option("--block-size", type=click.IntRange(min=100), default=20_000, show_default=True,
+              help="At most this many clips are compared exactly at once (bounds memory).")
+def dedup(out: str, threshold: float, block_size: int) -> None:
+    """Mark near-duplicate clips across the whole dataset OUT (`duplicate_of` = the best copy's clip_id)."""
+    from clipmill.stages.dedup import Dedup, DedupConfig  # noqa: PLC0415
+    from clipmill.storage.shards import DatasetError  # noqa: PLC0415
+
+    try:
+        report = Dedup(DedupConfig(threshold=threshold, block_size=block_size)).run_global(out)
+    except DatasetError as exc:
+        _fail(str(exc))
+    for key, value in report.items():
+        click.echo(f"{key}: {value}")
+
+
 # ------------------------------------------------------------------------------------------- stats
 @main.command()
 @click.argument("out", type=click.Path(exists=True, file_okay=False))

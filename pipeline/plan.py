@@ -27,6 +27,8 @@ def plan_schemas(recipe: Recipe) -> list[pa.Schema]:
     """The schema after each stage, starting with INPUT_SCHEMA (len = stages + 1)."""
     schemas = [INPUT_SCHEMA]
     for spec in recipe.stages:
+        if stage_class(spec.name).level == "global":
+            continue
         schemas.append(output_schema(schemas[-1], stage_class(spec.name), spec.config))
     return schemas
 
@@ -51,6 +53,12 @@ def check_plan(recipe: Recipe) -> None:
             raise RecipeError(
                 f"{recipe.source}: stages[{i}] {spec.name} works on clips, but clips exist only after "
                 f"the split stage; put split before it"
+            )
+        if cls.level == "global" and i != len(recipe.stages) - 1 and any(
+                stage_class(s.name).level != "global" for s in recipe.stages[i + 1:]):
+            raise RecipeError(
+                f"{recipe.source}: stages[{i}] {spec.name} runs over the whole dataset after the run; "
+                f"it must come after every per-video stage"
             )
         if cls.level == "fanout":
             level = "clip"

@@ -12,7 +12,13 @@ STAGES: dict[str, str] = {
     "transcode": "clipmill.stages.transcode:Transcode",
     "frames": "clipmill.stages.frames:Frames",
     "quality": "clipmill.stages.quality:Quality",
+    "motion": "clipmill.stages.motion:Motion",
+    "ocr": "clipmill.stages.ocr:Ocr",
+    "safety": "clipmill.stages.safety:Safety",
+    "aesthetics": "clipmill.stages.aesthetics:Aesthetics",
+    "embedding": "clipmill.stages.embedding:Embedding",
     "filter": "clipmill.stages.filter:Filter",
+    "dedup": "clipmill.stages.dedup:Dedup",
 }
 
 

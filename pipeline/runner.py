@@ -149,6 +149,8 @@ def build_plan(items: list[InputItem], recipe: Recipe) -> Any:
     remote_args = {"max_retries": recipe.runtime.max_task_retries, "retry_exceptions": False}
     for spec in recipe.stages:
         cls = stage_class(spec.name)
+        if cls.level == "global":
+            continue  # runs after the last commit (run_global_stages)
         call = StageCall(spec.name, spec.config.model_dump_json(), fault_for(spec.name))
         if cls.uses_model:
             ds = ds.map_batches(
@@ -216,28 +218,50 @@ def run(
             todo = todo[: max(0, limit)]
         stats.total = len(todo)
         meta = _start_run_json(out, recipe, argv, len(items), stats.skipped)
-        if not todo:
-            stats.elapsed_s = time.monotonic() - stats.started
-            _finish_run_json(out, meta, stats)
-            return stats
-        started_ray = init_ray(address, recipe)
-        import ray  # noqa: PLC0415
-
-        try:
-            _stream(todo, recipe, writer, out, meta, stats, done_vids, on_progress)
-        except ray.exceptions.RayError as exc:
-            raise RunError(
-                f"the Ray cluster failed mid-run ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''});"
-                f" {stats.shards} shard(s) committed this run are kept; run the same command again to resume"
-            ) from exc
-        finally:
-            if started_ray:
-                import ray  # noqa: PLC0415
-
-                ray.shutdown()
+        if todo:
+            _stream_with_ray(todo, recipe, writer, out, meta, stats, done_vids, on_progress, address)
         stats.elapsed_s = time.monotonic() - stats.started
         _finish_run_json(out, meta, stats)
+    run_global_stages(out, recipe)
     return stats
+
+
+def _stream_with_ray(todo: list[InputItem], recipe: Recipe, writer: ShardWriter, out: Path, meta: dict[str, Any],
+                     stats: RunStats, done_vids: set[str], on_progress: Callable[[RunStats], None] | None,
+                     address: str | None) -> None:
+    started_ray = init_ray(address, recipe)
+    import ray  # noqa: PLC0415
+
+    try:
+        _stream(todo, recipe, writer, out, meta, stats, done_vids, on_progress)
+    except ray.exceptions.RayError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise RunError(
+            f"the Ray cluster failed mid-run ({type(exc).__name__}: {first}); {stats.shards} shard(s) committed "
+            f"this run are kept; run the same command again to resume"
+        ) from exc
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def run_global_stages(out: Path, recipe: Recipe) -> dict[str, Any]:
+    """Run the recipe's whole-dataset steps (e.g. dedup) after the run; their reports go into run.json."""
+    reports: dict[str, Any] = {}
+    for spec in recipe.stages:
+        cls = stage_class(spec.name)
+        if cls.level != "global":
+            continue
+        t0 = time.monotonic()
+        report = cls(spec.config).run_global(str(out))  # type: ignore[attr-defined]
+        reports[spec.name] = dict(report, seconds=round(time.monotonic() - t0, 3))
+        log.info("%s: %s", spec.name, reports[spec.name])
+    if reports:
+        with ShardWriter(out):  # the lock, so run.json is not rewritten under another writer
+            meta = read_run_json(out) or {}
+            meta.setdefault("runs", [{}])[-1]["global_steps"] = reports
+            write_json_atomic(out / RUN_JSON, meta)
+    return reports
 
 
 def _stream(todo: list[InputItem], recipe: Recipe, writer: ShardWriter, out: Path, meta: dict[str, Any],

@@ -27,6 +27,15 @@ class FilterConfig(StageConfig):
         max_black_fraction: reject clips with more than this fraction of black sampled frames.
         reject_static: reject clips with no visible change between sampled frames.
         min_duration_s: reject clips shorter than this (the split stage normally guarantees it).
+        max_brisque: reject clips whose BRISQUE score (lower = better) is above this.
+        max_blockiness: reject clips with stronger compression blocking than this.
+        max_exposure: reject clips with more than this fraction of clipped (black/white) pixels.
+        reject_slideshow: reject sequences of still images.
+        min_motion_score: reject clips with less camera/scene motion than this.
+        max_motion_score: reject clips with more motion than this (shaky, whip pans).
+        max_text_area: reject clips whose on-screen text covers more than this fraction of the frame.
+        max_nsfw_score: reject clips whose NSFW probability is above this.
+        min_aesthetic_score: reject clips below this aesthetic score (1-10 scale of the LAION head).
     """
 
     min_brightness: float | None = Field(16.0, ge=0, le=255)
@@ -36,6 +45,15 @@ class FilterConfig(StageConfig):
     max_black_fraction: float | None = Field(0.5, ge=0, le=1)
     reject_static: bool = True
     min_duration_s: float | None = Field(None, ge=0)
+    max_brisque: float | None = Field(None)
+    max_blockiness: float | None = Field(None, ge=0)
+    max_exposure: float | None = Field(None, ge=0, le=1)
+    reject_slideshow: bool = False
+    min_motion_score: float | None = Field(None, ge=0)
+    max_motion_score: float | None = Field(None, ge=0)
+    max_text_area: float | None = Field(None, ge=0, le=1)
+    max_nsfw_score: float | None = Field(None, ge=0, le=1)
+    min_aesthetic_score: float | None = Field(None)
 
 
 def reject_reasons(row: dict[str, Any], cfg: FilterConfig) -> list[str]:
@@ -59,6 +77,16 @@ def reject_reasons(row: dict[str, Any], cfg: FilterConfig) -> list[str]:
     above("black_fraction", cfg.max_black_fraction)
     if cfg.reject_static and row.get("static"):
         reasons.append("static")
+    above("brisque", cfg.max_brisque)
+    above("blockiness", cfg.max_blockiness)
+    above("exposure", cfg.max_exposure)
+    if cfg.reject_slideshow and row.get("slideshow"):
+        reasons.append("slideshow")
+    below("motion_score", cfg.min_motion_score)
+    above("motion_score", cfg.max_motion_score)
+    above("text_area", cfg.max_text_area)
+    above("nsfw_score", cfg.max_nsfw_score)
+    below("aesthetic_score", cfg.min_aesthetic_score)
     dur = row.get("clip_duration_s")
     if dur is None and row.get("end_s") is not None:
         dur = row["end_s"] - row["start_s"]
