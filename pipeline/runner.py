@@ -153,10 +153,13 @@ def build_plan(items: list[InputItem], recipe: Recipe) -> Any:
             continue  # runs after the last commit (run_global_stages)
         call = StageCall(spec.name, spec.config.model_dump_json(), fault_for(spec.name))
         if cls.uses_model:
+            # A model stage's config may ask for GPUs and actor counts (e.g. aesthetics: num_gpus: 1).
+            num_gpus = getattr(spec.config, "num_gpus", None) or cls.num_gpus
+            actors = getattr(spec.config, "actors", None) or max(1, int(os.cpu_count() or 1))
             ds = ds.map_batches(
                 _ActorStage, fn_constructor_args=(call,),
-                batch_size=cls.batch_size, batch_format="pyarrow", num_cpus=cls.num_cpus,
-                num_gpus=cls.num_gpus or None, concurrency=(1, max(1, int(os.cpu_count() or 1))),
+                batch_size=getattr(spec.config, "batch_size", None) or cls.batch_size, batch_format="pyarrow",
+                num_cpus=cls.num_cpus, num_gpus=num_gpus or None, concurrency=(1, actors),
             )
         else:
             with warnings.catch_warnings():
