@@ -152,10 +152,12 @@ def build_plan(items: list[InputItem], recipe: Recipe) -> Any:
         if cls.level == "global":
             continue  # runs after the last commit (run_global_stages)
         call = StageCall(spec.name, spec.config.model_dump_json(), fault_for(spec.name))
-        if cls.uses_model:
-            # A model stage's config may ask for GPUs and actor counts (e.g. aesthetics: num_gpus: 1).
-            num_gpus = getattr(spec.config, "num_gpus", None) or cls.num_gpus
-            actors = getattr(spec.config, "actors", None) or max(1, int(os.cpu_count() or 1))
+        # A model stage's config may ask for GPUs and actor counts (e.g. aesthetics: num_gpus: 1). On GPUs a
+        # model stage gets an actor pool; on CPU it runs inside the fused per-video task, and its model is
+        # loaded once per worker process (StageCall's per-process cache), so CPU actors cannot starve tasks.
+        num_gpus = getattr(spec.config, "num_gpus", None) or cls.num_gpus
+        if cls.uses_model and num_gpus:
+            actors = getattr(spec.config, "actors", None) or 1
             ds = ds.map_batches(
                 _ActorStage, fn_constructor_args=(call,),
                 batch_size=getattr(spec.config, "batch_size", None) or cls.batch_size, batch_format="pyarrow",
