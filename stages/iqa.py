@@ -15,8 +15,12 @@ features the way that package does (so its trained SVR and feature ranges apply)
 as `skimage.color.rgb2gray` gives it, a 7x7 Gaussian window with sigma 7/6 and zero padding, C = 1/255,
 the moment-matching AGGD fit, and a bicubic half-size second scale. Two small deliberate differences:
 the separable window runs in OpenCV, and the shape parameter alpha is read off a fine table by linear
-interpolation (the original MATLAB code's grid search, 0.2..10) instead of `scipy.optimize.root`;
-`tests/test_quality.py` checks the scores against the package's own code path.
+interpolation (the original MATLAB code's grid search, 0.2..10) instead of `scipy.optimize.root`,
+and MSCN values within 1e-6 of zero are set to 0. In perfectly flat areas (synthetic graphics, clipped
+highlights) the MSCN coefficients are +-1e-13 rounding noise, and the fit's left/right split (x < 0 vs.
+x >= 0, which counts those samples) follows that noise, so the package's scores there depend on
+floating-point details; ours put all of them on the non-negative side, reproducibly.
+`tests/test_quality.py` checks the scores against the package's own code path on textured images.
 
 Only the model files (`svm.txt`, `normalize.pickle`: feature minima/maxima as plain lists) are taken from
 the package; they are located without importing it. The model is loaded once per `Brisque` object.
@@ -42,6 +46,7 @@ _SIGMA = 7 / 6  # MSCN window Gaussian sigma
 _C = 1 / 255  # MSCN stabilising constant for luma in [0, 1]
 _RGB2GRAY = np.array([0.2125, 0.7154, 0.0721])  # skimage.color.rgb2gray weights (BT.709)
 _N_FEATURES = 36
+_ZERO = 1e-6  # |MSCN| below this is rounding noise (one luma level gives 1e-3 or more)
 
 
 def brisque_model_dir() -> Path:
@@ -112,7 +117,9 @@ class Brisque:
         mu = cv2.sepFilter2D(gray, cv2.CV_64F, k, k, borderType=cv2.BORDER_CONSTANT)
         mu2 = cv2.sepFilter2D(gray * gray, cv2.CV_64F, k, k, borderType=cv2.BORDER_CONSTANT)
         sigma = np.sqrt(np.abs(mu * mu - mu2))
-        return (gray - mu) / (sigma + _C)
+        mscn = (gray - mu) / (sigma + _C)
+        mscn[np.abs(mscn) < _ZERO] = 0.0  # flat areas: the sign there is rounding noise
+        return mscn
 
     def _aggd(self, x: np.ndarray) -> tuple[float, float, float, float] | None:
         """(alpha, mean, left variance, right variance) of an asymmetric generalized Gaussian fit."""
