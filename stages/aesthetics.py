@@ -4,19 +4,21 @@ One row per clip (level "clip"). Reads the "model" frame set (`frames_model`, `f
 frames, longer side 384, decoded by the frames stage) and adds:
 
 * `aesthetic_score`: the head's output averaged over the clip's frames. With the real head
-  (`sac+logos+ava1-l14-linearMSE`, trained on OpenAI CLIP ViT-L/14 embeddings) it is on a 1-10 scale;
-  around 4.5-5.5 is ordinary footage, above 6 is pretty.
+  (`sac+logos+ava1-l14-linearMSE`, trained on OpenAI CLIP ViT-L/14 embeddings) it is on a 1-10 scale
+  (LAION-Aesthetics V2 published its subsets at >= 5, >= 6 and >= 6.5). A random head (tests) gives
+  arbitrary values.
 * `embedding`: the mean of the frames' L2-normalised CLIP image embeddings, L2-normalised again
   (float32, the CLIP model's embedding size: 768 for ViT-L-14). Written because it is computed anyway;
   it replaces what the (weight-free) embedding stage wrote, if both run.
-* `embedding_model`: which space `embedding` lives in, `open_clip:<clip_model>:<clip_weights>`; compare
+* `embedding_model`: which space `embedding` lives in, `open_clip:<architecture>:<clip_weights>` (a local
+  weights file or folder by its name only), e.g. "open_clip:ViT-L-14:openai"; compare
   embeddings only between rows with the same value.
 
 The stage loads its models once per instance (one per worker): an open_clip model with its own
 inference preprocessing (resize, centre crop, mean/std) and the MLP head, whose input size follows the
 CLIP model's embedding size (768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropout between, as LAION trained
 it; dropout is inactive at inference). Frames of all rows of a batch go through CLIP together
-(`process_many`), `batch_size` images per forward pass. On CUDA it runs under bf16 autocast (fp16 where
+(`process_many`), at most `batch_size` x 3 images per forward pass. On CUDA it runs under bf16 autocast (fp16 where
 bf16 is unsupported); on CPU in float32.
 
 **The default recipe does not run this stage**: it needs about 1.7 GB of weights that cannot be
@@ -33,6 +35,8 @@ the file in `head_weights`), then adds after `- frames: {}` in a recipe::
         clip_weights: openai
         head_weights: hf-hub:camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth
         device: auto
+        num_gpus: 1        # 0 runs on CPU (about 10 s per clip on 2 cores)
+        batch_size: 16
 
 Weights are only ever loaded as tensors (safetensors, or `torch.load(weights_only=True)`); no code from
 a checkpoint or a hub repository is executed.
@@ -50,7 +54,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from clipmill.stages.base import FrameSpec, RowStage, StageConfig
 from clipmill.stages.framesets import unpack_frames
@@ -97,8 +101,13 @@ class AestheticsConfig(StageConfig):
         head_weights: the aesthetic MLP head: a local file (.safetensors preferred, or a torch state dict
             read with `weights_only=True`), or "hf-hub:<org>/<repo>/<file>". Keys are LAION's
             (`layers.0.weight` ... `layers.7.bias`) or the same without the `layers.` prefix.
-        device: "auto" (CUDA when visible, else CPU), "cpu" or "cuda".
-        batch_size: images per CLIP forward pass (all frames of a batch of rows are pooled).
+        device: "auto" (CUDA when visible, else CPU), "cpu" or "cuda" ("cuda" needs `num_gpus` > 0: in a
+            Ray run a stage without a GPU share does not see the GPU).
+        num_gpus: GPUs per model replica in a run: 0 runs on CPU inside the per-video tasks (slow: about
+            10 s per clip for ViT-L-14 on 2 cores), 1 gives each replica a GPU (0.5 fits two per GPU).
+        actors: at most this many model replicas when `num_gpus` > 0 (default 1).
+        batch_size: clips per batch; the frames of all of them go through CLIP together, in forward
+            passes of at most `batch_size` x 3 images.
     """
 
     clip_model: str = Field("ViT-L-14", min_length=1)
@@ -106,7 +115,16 @@ class AestheticsConfig(StageConfig):
     head_weights: str = Field(
         "hf-hub:camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth", min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = Field(32, ge=1, le=4096)
+    num_gpus: float = Field(0.0, ge=0.0, le=8.0)
+    actors: int | None = Field(None, ge=1, le=1024)
+    batch_size: int = Field(16, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _cuda_needs_gpus(self) -> AestheticsConfig:
+        if self.device == "cuda" and self.num_gpus <= 0:
+            raise ValueError("device='cuda' needs num_gpus > 0 (e.g. num_gpus: 1), or the stage's workers see no "
+                             "GPU; allowed: device auto/cpu with num_gpus 0, or device auto/cuda with num_gpus > 0")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -119,8 +137,8 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("aesthetics: device is 'cuda' but no CUDA device is visible to this process; "
-                           "set device: auto or device: cpu in the recipe (or give the stage a GPU)")
+        raise RuntimeError("aesthetics: device is 'cuda' but no CUDA device is visible to this process; set "
+                           "device: auto or device: cpu in the recipe, or run where a GPU is (with num_gpus: 1)")
     return device
 
 
@@ -364,8 +382,9 @@ class Aesthetics(RowStage):
         cfg: AestheticsConfig = self.cfg  # type: ignore[assignment]
         feats, scores = [], []
         with torch.inference_mode():
-            for start in range(0, len(frames), cfg.batch_size):
-                chunk = frames[start:start + cfg.batch_size]
+            step = cfg.batch_size * (MODEL_FRAMES.n or 1)
+            for start in range(0, len(frames), step):
+                chunk = frames[start:start + step]
                 x = torch.stack([self.preprocess(Image.fromarray(f)) for f in chunk]).to(self.device)
                 emb = self._features(x)  # (b, D)
                 feats.append(emb.cpu())

@@ -62,13 +62,14 @@ class EmbeddingConfig(StageConfig):
 
 def frame_features(frame: np.ndarray) -> np.ndarray:
     """Perceptual features of one RGB uint8 frame (h, w, 3): unit-norm luma DCT terms, then colour terms."""
-    ycc = cv2.cvtColor(frame, cv2.COLOR_RGB2YCrCb).astype(np.float32)
-    y = cv2.resize(ycc[..., 0], (LUMA_SIDE, LUMA_SIDE), interpolation=cv2.INTER_AREA)
-    d = cv2.dct(y)
+    small = cv2.resize(frame, (LUMA_SIDE, LUMA_SIDE), interpolation=cv2.INTER_AREA).astype(np.float32)
+    ycc = cv2.cvtColor(small, cv2.COLOR_RGB2YCrCb)  # linear, so resizing first is the same up to rounding
+    d = cv2.dct(np.ascontiguousarray(ycc[..., 0]))
     luma = np.array([d[u, v] for u, v in LUMA_UV], np.float32) * LUMA_WEIGHT
     norm = float(np.linalg.norm(luma))
     luma = luma / norm if norm > 1e-3 else np.zeros_like(luma)  # a flat frame has no luma layout
-    chroma_small = cv2.resize(ycc[..., 1:] - 128.0, (CHROMA_SIDE, CHROMA_SIDE), interpolation=cv2.INTER_AREA)
+    # OpenCV centres float chroma on 0.5 (its delta for float images); Cr, Cb are then signed, 0-255 scale
+    chroma_small = cv2.resize(ycc[..., 1:] - 0.5, (CHROMA_SIDE, CHROMA_SIDE), interpolation=cv2.INTER_AREA)
     spread = float(ycc[..., 0].std()) + 10.0  # a brightness gain scales chroma and luma spread alike
     chroma = []
     for c in range(2):

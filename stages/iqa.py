@@ -124,15 +124,19 @@ class Brisque:
     def _aggd(self, x: np.ndarray) -> tuple[float, float, float, float] | None:
         """(alpha, mean, left variance, right variance) of an asymmetric generalized Gaussian fit."""
         x = x.ravel()
-        neg, pos = x[x < 0], x[x >= 0]
-        if neg.size == 0 or pos.size == 0:
+        n_neg = int(np.count_nonzero(x < 0))
+        n_pos = x.size - n_neg
+        if n_neg == 0 or n_pos == 0:
             return None
-        var_l, var_r = float(np.mean(neg * neg)), float(np.mean(pos * pos))
-        mean_sq = float(np.mean(x * x))
+        left = np.minimum(x, 0.0)  # the negative part, 0 elsewhere
+        sum_sq, sum_neg = float(np.dot(x, x)), float(np.dot(left, left))
+        var_l, var_r = sum_neg / n_neg, (sum_sq - sum_neg) / n_pos
+        mean_sq = sum_sq / x.size
         if var_l <= 0 or var_r <= 0 or mean_sq <= 0:
             return None
         gamma = math.sqrt(var_l) / math.sqrt(var_r)
-        r_hat = float(np.mean(np.abs(x))) ** 2 / mean_sq
+        mean_abs = (float(x.sum()) - 2 * float(left.sum())) / x.size
+        r_hat = mean_abs ** 2 / mean_sq
         big_r = r_hat * (gamma ** 3 + 1) * (gamma + 1) / (gamma ** 2 + 1) ** 2
         phi, alphas = self._alpha_table
         alpha = float(np.interp(big_r, phi, alphas))
@@ -161,7 +165,7 @@ class Brisque:
             raise ValueError(f"expected an RGB image (h, w, 3), got shape {image.shape}")
         if min(image.shape[:2]) < 16:
             return None
-        gray = image.astype(np.float64) @ _RGB2GRAY / 255.0
+        gray = cv2.transform(image.astype(np.float64), (_RGB2GRAY / 255.0)[None, :]).reshape(image.shape[:2])
         full = self._scale_features(gray)
         half = cv2.resize(gray, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_CUBIC)
         small = self._scale_features(half) if full is not None else None

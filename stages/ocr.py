@@ -17,26 +17,31 @@ over the clip, first and last included, longer side 640 px; see FRAME_SET) and a
 * `ocr_text` (string): the recognised lines with confidence >= `min_text_score`, frame by frame in reading
   order (top to bottom, left to right), whitespace-normalised, de-duplicated across frames (a line whose
   letters and digits match an earlier line's, case-insensitively, or, for lines of 8 or more of them, are
-  >= 85% similar to one, is dropped),
-  joined with newlines and cut to `max_text_chars` characters. NULL when no line passes, and always NULL with
-  `detect_only`.
+  >= 85% similar to one, is dropped), joined with newlines and cut to `max_text_chars` characters. NULL when
+  no line passes, and always NULL with `detect_only`.
 
 The models are RapidOCR's (package `rapidocr_onnxruntime`, 1.4.x): PP-OCRv4 text detection (DB) and
 recognition (CTC), ONNX weights shipped inside the wheel, loaded once per stage instance. The detector runs at
 the frame's own aspect ratio scaled so its longer side is `det_side` (sides rounded to multiples of 32);
-RapidOCR's own default instead scales the SHORTER side up to 736, which costs about 4x more on 16:9 frames
-and found nothing more on the shared test videos. The angle classifier (upside-down text) is not used.
+RapidOCR's own default instead scales the SHORTER side up to 736 (1312x736 for a 640x360 frame), which cost
+about 400 ms per frame here against 35-75 ms, and on the shared test videos read the same text except one
+small "29" in bikes.mp4. The angle classifier (upside-down text) is not used.
 
-Measured on this project's 2-core CPU box (1 ONNX thread, shared machine, so +-30%): about 35-75 ms per
-frame for detection at 640 px and 25-60 ms per recognised line; a clip with 3 frames and no text costs about
-0.15-0.25 s, a clip with a two-line watermark on every frame about 0.5 s. Batching frames or lines through the
-models was measured SLOWER on this CPU (det 46 ms/frame alone vs 73 ms/frame in batches of 6; rec 23 vs
-35 ms/line), so the defaults send one frame and one line at a time; `det_batch`/`rec_batch` raise that where
-batching pays (a GPU build of onnxruntime).
+Measured on this project's 2-core CPU box (1 ONNX thread, machine shared with other jobs, so timings vary by
+2x with load): detection at 640 px takes 35-75 ms per frame and recognition 25-60 ms per line. Per clip of
+3 frames: 130-260 ms with no text (bikes, bigbuckbunny, fades), 230-290 ms for testvideo.mp4 (a two-line
+watermark on 2 of 3 frames), 290-420 ms for counter.mp4 (two lines on every frame), 300-400 ms for 176x144
+carphone (upscaled to 640 for the detector). `detect_only` saves the recognition time (about 150 ms per clip
+on the text clips). Batching frames or lines through the models was measured SLOWER on this CPU (detection
+46 ms/frame alone vs 73 ms/frame in batches of 6; recognition 23 vs 35 ms/line), so the defaults send one
+frame and one line at a time; `det_batch`/`rec_batch` raise that where batching pays (a GPU build of
+onnxruntime).
 
-What it does not do: it does not judge (the filter stage does), does not read text smaller than about 10 px
-high at the detection size, and its recogniser is the Chinese+English PP-OCRv4 model: Latin text is read
-well but spaces between words are often dropped ("HELLOWORLD"), and other scripts are not read.
+What it does not do: it does not judge (the filter stage does); it sees only 3 frames, so text shown between
+them is missed; small text (a few pixels high at `det_side`) is missed; in `detect_only` mode textures can pass
+for text (the bicycle-spokes patch above gives 0.23). Its recogniser is the Chinese+English PP-OCRv4 model:
+Latin text is read well but spaces between words are often dropped ("HELLOWORLD"), and scripts other than
+Latin and Chinese are not read.
 """
 
 from __future__ import annotations

@@ -239,6 +239,7 @@ class DuplicateGroups:
 
     @property
     def n(self) -> int:
+        """Number of rows given (usable or not)."""
         return len(self.labels)
 
     def groups(self) -> list[np.ndarray]:
@@ -252,6 +253,7 @@ class DuplicateGroups:
 
     @property
     def n_groups(self) -> int:
+        """Number of groups with more than one member."""
         counts = np.bincount(self.labels, minlength=len(self.labels)) if len(self.labels) else np.zeros(0)
         return int((counts > 1).sum())
 
@@ -475,7 +477,16 @@ def _compare_large(ids: np.ndarray, emb: np.ndarray, threshold: float, block_siz
 
 @dataclass
 class DedupReport:
-    """What `dedup_dataset` did: counts, per-phase seconds and the LSH plans used per embedding model."""
+    """What `dedup_dataset` did: counts, per-phase seconds and the LSH plans used per embedding model.
+
+    Args:
+        clips: committed clip rows read; with_embedding: those with a usable embedding; models: per model.
+        groups: groups of >= 2 clips; duplicates: clips given a `duplicate_of` (group members minus groups).
+        candidate_pairs: exact cosine similarities computed.
+        shards / shards_rewritten: committed clip shards, and how many changed this run.
+        leftovers_removed: files of an interrupted earlier dedup that were deleted.
+        plans: LSH bands and bits per model; seconds: per phase (read, lsh, compare, choose, write).
+    """
 
     clips: int = 0
     with_embedding: int = 0
@@ -498,7 +509,7 @@ class DedupReport:
             "shards": self.shards, "shards_rewritten": self.shards_rewritten,
             "leftovers_removed": self.leftovers_removed, "threshold": self.threshold,
             "plans": {k: dict(v) for k, v in self.plans.items()},
-            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "phase_seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
 

@@ -51,7 +51,7 @@ def weights(tmp_path_factory) -> dict[str, Path]:
 def tiny_config(weights: dict[str, Path], **over) -> AestheticsConfig:
     """The stage config a user would write, pointing at the tiny model's files."""
     fields = {"clip_model": str(weights["config"]), "clip_weights": str(weights["clip"]),
-              "head_weights": str(weights["head"]), "device": "cpu", "batch_size": 4}
+              "head_weights": str(weights["head"]), "device": "cpu", "batch_size": 1}
     return AestheticsConfig(**(fields | over))
 
 
@@ -78,7 +78,7 @@ def test_scores_embeddings_and_reference(stage, frames_table, weights):
     rows = stage(frames_table).to_pylist()
     model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=str(weights["clip"]))
     head = build_head(EMBED_DIM)
-    head.load_state_dict({k.removeprefix("layers."): v for k, v in torch.load(weights["head_pth"]).items()})
+    head.load_state_dict({k.removeprefix("layers."): v for k, v in torch.load(weights["head_pth"], weights_only=True).items()})
     model.eval(), head.eval()
     from PIL import Image
 
@@ -135,7 +135,7 @@ def test_batched_equals_row_by_row_and_model_loaded_once(weights, frames_table, 
 
 
 def test_torch_state_dict_head_matches_safetensors(weights, frames_table, stage):
-    other = Aesthetics(tiny_config(weights, head_weights=str(weights["head_pth"]), batch_size=1))
+    other = Aesthetics(tiny_config(weights, head_weights=str(weights["head_pth"]), batch_size=8))
     a, b = stage(frames_table).to_pylist(), other(frames_table).to_pylist()
     for x, y in zip(a, b, strict=True):
         assert x["aesthetic_score"] == pytest.approx(y["aesthetic_score"], rel=1e-4, abs=1e-5)
@@ -177,17 +177,20 @@ def test_config_is_validated():
         AestheticsConfig(device="tpu")
     with pytest.raises(ValidationError):
         AestheticsConfig(batch_size=0)
+    with pytest.raises(ValidationError, match="num_gpus"):
+        AestheticsConfig(device="cuda")
+    assert AestheticsConfig(device="cuda", num_gpus=0.5).num_gpus == 0.5
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_without_gpu_is_a_clear_error(weights):
     with pytest.raises(RuntimeError, match="device: auto"):
-        Aesthetics(tiny_config(weights, device="cuda"))
+        Aesthetics(tiny_config(weights, device="cuda", num_gpus=1))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16/fp16 autocast path)")
 def test_cuda_autocast_close_to_cpu(weights, frames_table, stage):
-    gpu = Aesthetics(tiny_config(weights, device="cuda"))
+    gpu = Aesthetics(tiny_config(weights, device="cuda", num_gpus=1))
     assert gpu.device == "cuda"
     for c, g in zip(stage(frames_table).to_pylist(), gpu(frames_table).to_pylist(), strict=True):
         assert g["error"] is None, g["error"]

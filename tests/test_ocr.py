@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from clipmill import badfiles
-from clipmill.stages.frames import FrameSetConfig, Frames, FramesConfig, decode_sets
+from clipmill.stages.frames import Frames, FramesConfig, FrameSetConfig, decode_sets
 from clipmill.stages.ocr import FRAME_SET, Ocr, OcrConfig, merge_lines, pick_frames
 from clipmill.stages.transcode import Transcode
 

@@ -29,7 +29,7 @@ def _base(**split):
         ({"name": "t", "stages": []}, "non-empty list"),
         ({"name": "t", "stagez": []}, "unknown key(s) ['stagez']"),
         ({"name": "t", "stages": [{"probe": {}}, {"split": {}}], "write": {"media": "some"}}, "write.media"),
-        ({"name": "t", "stages": [{"probe": {}}, {"quality": {}}, {"split": {}}]}, "quality reads frames"),
+        ({"name": "t", "stages": [{"probe": {}}, {"quality": {}}, {"split": {}}]}, "read decoded frames"),
         ({"name": "t", "stages": [{"probe": {}}]}, "must include the probe and split"),
         ({"name": "t", "stages": [{"probe": {}}, {"split": {}}, {"probe": {}}]}, "listed twice"),
     ],
