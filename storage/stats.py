@@ -18,7 +18,8 @@ from clipmill.storage.schema import STATUSES
 
 log = logging.getLogger(__name__)
 
-SCORES = ("brightness", "contrast", "sharpness", "frame_diff", "black_fraction")
+SCORES = ("brightness", "contrast", "sharpness", "frame_diff", "black_fraction", "brisque", "blockiness", "exposure",
+          "motion_score", "text_area", "nsfw_score", "aesthetic_score")
 HIST_BINS = 10
 _QUANTILES = (("p10", 0.1), ("p50", 0.5), ("p90", 0.9))
 
@@ -115,6 +116,14 @@ def _stats(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
             con, "SELECT aspect_bucket, count(*) AS n FROM clips GROUP BY aspect_bucket ORDER BY n DESC, aspect_bucket",
         ),
         "codecs": _counts(con, "SELECT codec, count(*) AS n FROM videos GROUP BY codec ORDER BY n DESC, codec"),
+        "camera_motion": _counts(
+            con, "SELECT camera_motion, count(*) AS n FROM clips WHERE camera_motion IS NOT NULL "
+                 "GROUP BY camera_motion ORDER BY n DESC, camera_motion",
+        ),
+        "near_duplicates": _counts(
+            con, "SELECT CASE WHEN duplicate_of IS NULL THEN 'unique or best copy' ELSE 'duplicate' END AS d,"
+                 " count(*) AS n FROM clips GROUP BY d ORDER BY d",
+        ),
     }
 
 
@@ -174,6 +183,10 @@ def format_stats(stats: dict[str, Any]) -> str:
     lines += _block("clip resolutions", stats["resolutions"])
     lines += _block("clip aspect buckets", stats["aspect_buckets"])
     lines += _block("input codecs", stats["codecs"])
+    if stats.get("camera_motion"):
+        lines += _block("camera motion", stats["camera_motion"])
+    if stats.get("near_duplicates"):
+        lines += _block("near-duplicates", stats["near_duplicates"])
     return "\n".join(lines) + "\n"
 
 

@@ -9,9 +9,20 @@ from clipmill.pipeline.recipe import RecipeError, bundled_recipes, load_recipe, 
 
 def test_default_recipe_loads_and_orders_stages():
     rec = load_recipe("default")
-    assert [s.name for s in rec.stages] == ["probe", "split", "transcode", "frames", "quality", "filter"]
+    assert [s.name for s in rec.stages] == ["probe", "split", "transcode", "frames", "quality", "motion", "ocr",
+                                            "safety", "embedding", "filter", "dedup"]
     assert rec.stage("split").config.min_s == 2.0
-    assert "default" in bundled_recipes()
+    assert {"default", "full"} <= set(bundled_recipes())
+    # the frames stage decodes every frame set that later stages declare, once per clip
+    assert {e.name for e in rec.stage("frames").config.extra_sets} == {"quality", "quality_seq", "motion", "ocr",
+                                                                       "safety"}
+
+
+def test_full_recipe_validates_without_loading_weights():
+    rec = load_recipe("full")
+    assert rec.stage("aesthetics").config.num_gpus == 1
+    assert "model" in {e.name for e in rec.stage("frames").config.extra_sets}
+    assert rec.stage("filter").config.min_aesthetic_score == 4.5
 
 
 def _base(**split):
@@ -32,6 +43,8 @@ def _base(**split):
         ({"name": "t", "stages": [{"probe": {}}, {"quality": {}}, {"split": {}}]}, "read decoded frames"),
         ({"name": "t", "stages": [{"probe": {}}]}, "must include the probe and split"),
         ({"name": "t", "stages": [{"probe": {}}, {"split": {}}, {"probe": {}}]}, "listed twice"),
+        ({"name": "t", "stages": ["probe", "split", "transcode", "frames", "embedding", "dedup", "filter"]},
+         "must come after every per-video stage"),
     ],
 )
 def test_bad_recipes_fail_with_a_clear_message(data, expected):

@@ -247,3 +247,27 @@ def test_limit_then_resume_covers_every_input_once(ray_session, clean_run, recip
     assert sorted(uris) == sorted(i.uri for i in items)
     got = sorted(read_table(out, "clips")["clip_id"].to_pylist())
     assert got == sorted(read_table(clean_run["out"], "clips")["clip_id"].to_pylist())
+
+
+def test_reencoded_rescaled_copy_is_marked_duplicate_across_videos(ray_session, recipe_path, tmp_path, testdata):
+    """A clip re-encoded at half size under another name is `duplicate_of` the original; other scenes are not."""
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(testdata / "bikes.mp4", src / "bikes.mp4")
+    with av.open(str(testdata / "bikes.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24", width=320, height=136) for f in c.decode(video=0)]
+    synth.write_video(src / "bikes_small_reupload.mp4", frames, 25, options={"crf": "30", "preset": "veryfast"})
+    synth.make_case("cuts", src / "other.mp4", width=320, height=180)
+    out = tmp_path / "ds"
+    run(expand_inputs([str(src)]), out, load_recipe(recipe_path))
+    clips = read_table(out, "clips").to_pylist()
+    by_id = {c["clip_id"]: c for c in clips}
+    small = [c for c in clips if c["uri"].endswith("bikes_small_reupload.mp4")]
+    assert small and all(c["duplicate_of"] for c in small)
+    for c in small:
+        best = by_id[c["duplicate_of"]]
+        assert best["uri"].endswith("bikes.mp4") and best["start_frame"] == c["start_frame"]
+        assert best["duplicate_of"] is None
+    assert all(c["duplicate_of"] is None for c in clips if c["uri"].endswith("other.mp4"))
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["runs"][-1]["global_steps"]["dedup"]["duplicates"] == len(small)
