@@ -27,6 +27,8 @@ test: setup
 bench: setup
 	$(PY) bench/split.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/scores.py
+	$(PY) bench/dedup.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

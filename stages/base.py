@@ -168,13 +168,25 @@ class RowStage(Stage):
         return rows
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
         schema = output_schema(batch.schema, type(self), self.cfg)
+        # Large binary columns this stage neither reads nor writes (decoded frames, MP4 bytes) stay in Arrow
+        # and are re-attached unchanged, instead of being copied into Python objects and back at every stage.
+        carried = [] if self.level == "fanout" else [
+            f.name for f in batch.schema
+            if (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)) and f.name in schema.names
+            and f.name not in self.reads and f.name not in self.added_columns(self.cfg)]
+        rows = batch.drop_columns(carried).to_pylist() if carried else batch.to_pylist()
         batched = self._batched(rows) if self._batches() else None
         out: list[dict[str, Any]] = []
         for i, row in enumerate(rows):
             out.extend([batched[i]] if batched is not None and i in batched else self._run_row(row))
-        return to_table(out, schema)
+        if not carried:
+            return to_table(out, schema)
+        if len(out) != batch.num_rows:
+            raise RuntimeError(f"stage {self.name} returned {len(out)} rows for {batch.num_rows}")
+        light = to_table(out, pa.schema([f for f in schema if f.name not in carried]))
+        return pa.Table.from_arrays([batch[f.name] if f.name in carried else light[f.name] for f in schema],
+                                    schema=schema)
 
     def _batches(self) -> bool:
         return self.level != "fanout" and type(self).process_many is not RowStage.process_many
