@@ -3,8 +3,8 @@
 Runs the recipe's stages in this process, without Ray, one stage at a time over the same clips (so each
 stage's cost is measured alone, after its models are loaded), on generated 480x270 videos and, when present,
 the shared test videos. Reference measured in the same run: decoding each clip's MP4 bytes once (every frame,
-PyAV, threaded), which is the least any pixel-reading stage must pay. The global dedup step has its own
-benchmark (bench/dedup.py).
+PyAV, threaded), which is the least any pixel-reading stage must pay. Also times the global dedup step on
+1k/10k/100k synthetic embeddings (bench/dedup.py has the full scaling study).
 Prints a table and, as the last line, one JSON object; writes bench/results/scores.json.
 """
 
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import av
+import numpy as np
 import pyarrow as pa
 
 from clipmill import synth
@@ -96,10 +97,32 @@ def main() -> None:
                                    "ms_per_clip": round(ms, 2), "x_decode": round(ratio, 3),
                                    "share": round(share, 4)}
         print(f"{name:12s} {v['level']:7s} {v['load_s']:7.2f} {ms:9.1f} {ratio:9.2f} {share:7.1%}")
+    figures["dedup"] = dedup_seconds()
+    print("dedup (106-d, 5% planted copies): " + ", ".join(
+        f"{n} clips {v['seconds']:.2f} s (recall {v['planted_recall']:.3f})" for n, v in figures["dedup"].items()))
     out = HERE / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "scores.json").write_text(json.dumps(figures, indent=1, sort_keys=True))
     print(json.dumps(figures, sort_keys=True))
+
+
+def dedup_seconds() -> dict:
+    """Seconds of the global near-duplicate search over 1k/10k/100k synthetic 106-d embeddings (the size of
+    the perceptual embedding) with 5% planted near-copies; bench/dedup.py has the full scaling study."""
+    from clipmill.storage.dedup import find_duplicates
+
+    rng = np.random.default_rng(0)
+    res = {}
+    for n in (1_000, 10_000, 100_000):
+        base = rng.standard_normal((n, 106)).astype(np.float32)
+        k = n // 20
+        base[-k:] = base[:k] + 0.05 * rng.standard_normal((k, 106)).astype(np.float32)
+        t0 = time.perf_counter()
+        groups = find_duplicates([base[i:i + 8192] for i in range(0, n, 8192)], threshold=0.9)
+        sec = time.perf_counter() - t0
+        found = sum(1 for i in range(k) if groups.labels[n - k + i] == groups.labels[i])
+        res[str(n)] = {"seconds": round(sec, 3), "planted": k, "planted_recall": found / k}
+    return res
 
 
 if __name__ == "__main__":
