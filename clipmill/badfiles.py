@@ -392,3 +392,118 @@ EXOTIC_MAKERS = {
     "rotated": make_rotated,
 }
 """Makers of unusual but valid videos that the probe stage must accept."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Extreme inputs for fuzz tests: one-pixel video, headers that claim a huge frame, a mid-stream size change
+# --------------------------------------------------------------------------------------------------
+
+__all__ += [
+    "make_claimed_size_mjpeg",
+    "make_claimed_size_mp4",
+    "make_claimed_size_y4m",
+    "make_one_pixel",
+    "make_size_change",
+    "patch_mp4_dimensions",
+]
+
+
+def make_one_pixel(d: str | os.PathLike, n: int = 12, name: str = "one_pixel.mkv", seed: int = 0) -> Path:
+    """A valid 1x1 video of `n` random-colour frames: FFV1 (lossless, 4:4:4) in Matroska.
+
+    `moving_frames` needs at least 2x2, so the content is plain noise; H.264 also encodes 1x1 as yuv444p.
+    """
+    frames = np.random.default_rng(seed).integers(0, 256, (n, 1, 1, 3), dtype=np.uint8)
+    return encode_video(_dir(d) / name, frames, 24, codec="ffv1", pix_fmt="yuv444p", options={})
+
+
+def patch_mp4_dimensions(data: bytes, width: int, height: int) -> bytes:
+    """MP4 bytes whose container claims `width` x `height` (every `tkhd` and visual sample entry patched).
+
+    Only the container's fields change; the coded stream (e.g. the H.264 SPS) keeps its real size, so a
+    decoder still produces frames of the original size. Raises ValueError when no field was found.
+    """
+    import struct  # noqa: PLC0415 - only these makers pack binary fields
+
+    out = bytearray(data)
+    patched = 0
+    pos = out.find(b"tkhd")
+    while pos >= 4:
+        version = out[pos + 4]
+        at = pos + 4 + (88 if version == 1 else 76)  # width, height: 16.16 fixed point at the end of tkhd
+        if at + 8 <= len(out):
+            out[at : at + 8] = struct.pack(">II", width << 16, height << 16)
+            patched += 1
+        pos = out.find(b"tkhd", pos + 4)
+    for entry in (b"avc1", b"avc3", b"hvc1", b"hev1", b"mp4v", b"av01", b"vp09"):
+        pos = out.find(entry)
+        while pos >= 4:
+            at = pos + 28  # VisualSampleEntry: 8 bytes after the box header, then 16 of pre_defined/reserved
+            if at + 4 <= len(out):
+                out[at : at + 4] = struct.pack(">HH", width, height)
+                patched += 1
+            pos = out.find(entry, pos + 4)
+    if not patched:
+        raise ValueError("no tkhd box or visual sample entry found to patch")
+    return bytes(out)
+
+
+def make_claimed_size_mp4(d: str | os.PathLike, width: int = 7680, height: int = 4320,
+                          name: str = "claims_8k.mp4") -> Path:
+    """A tiny (160x96) H.264 MP4 whose container header claims `width` x `height` (default 8K UHD)."""
+    src = make_valid(d, name="_claims_src.mp4", n=24)
+    out = _dir(d) / name
+    out.write_bytes(patch_mp4_dimensions(src.read_bytes(), width, height))
+    src.unlink()
+    return out
+
+
+def make_claimed_size_mjpeg(d: str | os.PathLike, width: int = 7680, height: int = 4320, n: int = 6,
+                            name: str = "claims_8k_mjpeg.avi") -> Path:
+    """Motion-JPEG in AVI, coded at 64x48, whose every JPEG frame header (SOF0) claims `width` x `height`.
+
+    Unlike `make_claimed_size_mp4`, here the decoder itself believes the claim and allocates frames of
+    that size from a few hundred bytes of scan data (so each decoded frame is mostly empty or an error).
+    """
+    import struct  # noqa: PLC0415 - only these makers pack binary fields
+
+    src = encode_video(_dir(d) / "_claims_src.avi", moving_frames(n, 64, 48), 24, codec="mjpeg",
+                       pix_fmt="yuvj420p", options={})
+    data = bytearray(src.read_bytes())
+    src.unlink()
+    patched = 0
+    pos = data.find(b"\xff\xc0")
+    while pos >= 0:
+        # SOF0: FF C0, length (2) = 17 for 3 components, precision (1) = 8, height (2), width (2)
+        if data[pos + 2 : pos + 5] == b"\x00\x11\x08":
+            data[pos + 5 : pos + 9] = struct.pack(">HH", height, width)
+            patched += 1
+        pos = data.find(b"\xff\xc0", pos + 2)
+    if patched != n:
+        raise RuntimeError(f"patched {patched} JPEG frame headers, expected {n}")
+    out = _dir(d) / name
+    out.write_bytes(bytes(data))
+    return out
+
+
+def make_claimed_size_y4m(d: str | os.PathLike, width: int = 7680, height: int = 4320,
+                          name: str = "claims_8k.y4m") -> Path:
+    """A YUV4MPEG2 file whose header claims `width` x `height` but which holds 1 KiB of one frame."""
+    out = _dir(d) / name
+    out.write_bytes(f"YUV4MPEG2 W{width} H{height} F24:1 Ip A1:1 C420jpeg\nFRAME\n".encode() + bytes(1024))
+    return out
+
+
+def make_size_change(d: str | os.PathLike, n: int = 12, name: str = "size_change.h264") -> Path:
+    """A raw H.264 stream (no container) whose frame size changes midway: `n` frames 160x96, then `n` 64x48.
+
+    Two Annex-B streams back to back; the second starts with its own SPS/PPS and an IDR frame, as in a
+    broadcast capture that switches resolution.
+    """
+    first = encode_video(_dir(d) / "_size_a.h264", moving_frames(n, 160, 96), 24, container_format="h264")
+    second = encode_video(_dir(d) / "_size_b.h264", moving_frames(n, 64, 48, seed=1), 24, container_format="h264")
+    out = _dir(d) / name
+    out.write_bytes(first.read_bytes() + second.read_bytes())
+    first.unlink()
+    second.unlink()
+    return out

@@ -51,7 +51,7 @@ def run(inputs: tuple[str, ...], out: str, recipe: str, address: str | None, lim
     """
     from clipmill.pipeline.inputs import InputError, expand_inputs  # noqa: PLC0415
     from clipmill.pipeline.recipe import RecipeError, load_recipe  # noqa: PLC0415
-    from clipmill.pipeline.runner import RunError  # noqa: PLC0415
+    from clipmill.pipeline.runner import RunError, RunInterrupted  # noqa: PLC0415
     from clipmill.pipeline.runner import run as run_pipeline  # noqa: PLC0415
     from clipmill.storage.shards import DatasetError  # noqa: PLC0415
 
@@ -75,6 +75,10 @@ def run(inputs: tuple[str, ...], out: str, recipe: str, address: str | None, lim
         _fail(str(exc))
     except RunError as exc:
         _fail(str(exc), code=1)
+    except RunInterrupted as exc:
+        click.echo(f"\nclipmill: {exc}; every video that had finished is committed. Run the same command again "
+                   f"to resume into {out}.", err=True)
+        sys.exit(128 + exc.signum)
     except KeyboardInterrupt:
         click.echo(f"\nclipmill: interrupted; committed work is kept. Run the same command again to resume "
                    f"into {out}.", err=True)

@@ -58,12 +58,15 @@ class RuntimeConfig(BaseModel):
         num_cpus: CPUs the embedded local Ray may use (None = all cores of this machine).
         object_store_mb: object store size of the embedded local Ray (None = Ray's default, capped at 2 GB).
         max_task_retries: how often a crashed worker task is retried before its video is ledgered failed.
+        video_timeout_s: a stage that spends longer than this on one video (or one clip) fails it with
+            reason "<stage>: StageTimeout" and the run goes on (None = no limit).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     num_cpus: int | None = Field(None, ge=1)
     object_store_mb: int | None = Field(None, ge=64)
     max_task_retries: int = Field(2, ge=0, le=20)
+    video_timeout_s: float | None = Field(600.0, gt=0)
 
 
 class StageSpec(BaseModel):

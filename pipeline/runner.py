@@ -15,15 +15,18 @@ committed under another URI is ledgered `rejected` (duplicate_content) so no cli
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,49 @@ COMMIT_EVERY_S = 30.0
 
 class RunError(RuntimeError):
     """The run stopped part-way for a reason outside any one input (e.g. the Ray cluster went away)."""
+
+
+class RunInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run; finished videos were committed first."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class _GracefulStop:
+    """Turns SIGINT/SIGTERM into RunInterrupted in the driver, but never in the middle of a commit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._in_commit = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        if not self._in_commit:
+            raise RunInterrupted(signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._in_commit = True
+        try:
+            yield
+        finally:
+            self._in_commit = False
+        if self.signum is not None:
+            raise RunInterrupted(self.signum)
 
 
 @dataclass
@@ -151,7 +197,8 @@ def build_plan(items: list[InputItem], recipe: Recipe) -> Any:
         cls = stage_class(spec.name)
         if cls.level == "global":
             continue  # runs after the last commit (run_global_stages)
-        call = StageCall(spec.name, spec.config.model_dump_json(), fault_for(spec.name))
+        call = StageCall(spec.name, spec.config.model_dump_json(), fault_for(spec.name),
+                         recipe.runtime.video_timeout_s)
         # A model stage's config may ask for GPUs and actor counts (e.g. aesthetics: num_gpus: 1). On GPUs a
         # model stage gets an actor pool; on CPU it runs inside the fused per-video task, and its model is
         # loaded once per worker process (StageCall's per-process cache), so CPU actors cannot starve tasks.
@@ -283,8 +330,9 @@ def _stream(todo: list[InputItem], recipe: Recipe, writer: ShardWriter, out: Pat
             return
         videos = [r.video for r in pending.results]
         clips = [c for r in pending.results for c in r.clips]
-        writer.commit(pa.Table.from_pylist(videos, schema=VIDEOS_SCHEMA),
-                      pa.Table.from_pylist(clips, schema=CLIPS_SCHEMA))
+        with stop.deferred():  # a signal during a commit waits until the commit is complete
+            writer.commit(pa.Table.from_pylist(videos, schema=VIDEOS_SCHEMA),
+                          pa.Table.from_pylist(clips, schema=CLIPS_SCHEMA))
         stats.shards += 1
         for r in pending.results:
             stats.add(r)
@@ -310,11 +358,20 @@ def _stream(todo: list[InputItem], recipe: Recipe, writer: ShardWriter, out: Pat
                 or time.monotonic() - pending.since >= COMMIT_EVERY_S):
             flush()
 
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
-        for res in asm.add(batch.to_pylist()):
-            accept(res)
-        if on_progress:
-            on_progress(_live_view(stats, pending))
+    stop = _GracefulStop()
+    try:
+        with stop.installed():
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+                for res in asm.add(batch.to_pylist()):
+                    accept(res)
+                if on_progress:
+                    on_progress(_live_view(stats, pending))
+    except RunInterrupted:
+        stop.signum = None
+        flush()  # videos that finished before the signal are committed; the rest are re-run on resume
+        stats.elapsed_s = time.monotonic() - stats.started
+        _update_run_json(out, meta, stats)
+        raise
     for uri in asm.incomplete:
         log.warning("%s: some clip rows were lost (worker failure); ledgered as failed", uri)
     for it in todo:
@@ -363,7 +420,10 @@ def _update_run_json(out: Path, meta: dict[str, Any], stats: RunStats | None) ->
     meta["counts"] = iter_commit_counts(read_commits(out))
     if stats is not None:
         meta["runs"][-1]["progress"] = stats.to_json()
-    write_json_atomic(out / RUN_JSON, meta)
+    try:
+        write_json_atomic(out / RUN_JSON, meta)
+    except OSError as exc:  # run.json is a summary; the commit records are the truth
+        log.warning("could not update %s: %s", out / RUN_JSON, exc)
 
 
 def _finish_run_json(out: Path, meta: dict[str, Any], stats: RunStats) -> None:

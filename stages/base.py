@@ -13,11 +13,16 @@ a row whose `status` is "rejected" (set by probe for unreadable inputs, with `re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
+import signal
+import threading
 import time
 import traceback
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -120,9 +125,12 @@ class RowStage(Stage):
     row with `clip_index` = -1 so the video is still ledgered).
     """
 
-    #: Fault injection for tests (set by the runner from CLIPMILL_FAULT_INJECT="stage:uri-substring"):
-    #: `process` raises InjectedFault for rows whose uri contains this substring.
-    inject_fault: str | None = None
+    #: Fault injection for tests, set by the runner from CLIPMILL_FAULT_INJECT: (mode, uri substring) with mode
+    #: "raise" (InjectedFault), "hang" (sleeps until the stage timeout) or "nan" (a NaN score).
+    inject_fault: tuple[str, str] | None = None
+    #: Wall-clock limit of one `process` call (one video for video/fan-out stages, one clip otherwise);
+    #: set by the runner from the recipe's runtime.video_timeout_s. None = no limit.
+    timeout_s: float | None = None
 
     def process(self, row: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
         raise NotImplementedError
@@ -134,6 +142,20 @@ class RowStage(Stage):
         row by row, so one bad row still fails alone. Not used by fan-out stages.
         """
         return [self.process(r) for r in rows]  # type: ignore[misc]
+
+    def _inject(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """Apply an injected fault to `row` (tests only); None when none applies."""
+        if not self.inject_fault or self.inject_fault[1] not in str(row.get("uri")):
+            return None
+        mode = self.inject_fault[0]
+        if mode == "hang":
+            while True:  # a decoder that never returns; only the stage timeout ends it
+                time.sleep(0.5)
+        if mode == "nan":
+            floats = [c for c, t in self.added_columns(self.cfg).items() if pa.types.is_floating(t)]
+            if floats and self.level != "fanout":
+                return dict(self.process(row), **{floats[0]: float("nan")})  # type: ignore[arg-type]
+        raise InjectedFault(f"injected fault for {row.get('uri')}")
 
     def _live(self, row: dict[str, Any]) -> bool:
         if row.get(ERROR) or row.get("status") == "rejected":
@@ -147,9 +169,10 @@ class RowStage(Stage):
             return [dict(row, **{CLIP_INDEX: -1}) if self.level == "fanout" else row]
         t0 = time.perf_counter()
         try:
-            if self.inject_fault and self.inject_fault in str(row.get("uri")):
-                raise InjectedFault(f"injected fault for {row.get('uri')}")
-            out = self.process(row)
+            with _time_limit(self.timeout_s, self.name):
+                out = self._inject(row) or self.process(row)
+            for r in out if isinstance(out, list) else [out]:
+                _check_finite(r, self)
         except Exception as exc:  # noqa: BLE001 - per-row failures are data, recorded in `error`
             log.warning("%s failed on %s: %s", self.name, row.get("uri"), exc)
             log.debug("%s", traceback.format_exc())
@@ -194,12 +217,15 @@ class RowStage(Stage):
     def _batched(self, rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]] | None:
         """Run `process_many` over the live rows; None (caller goes row by row) if it raises."""
         live = [i for i, r in enumerate(rows) if self._live(r)
-                and not (self.inject_fault and self.inject_fault in str(r.get("uri")))]
+                and not (self.inject_fault and self.inject_fault[1] in str(r.get("uri")))]
         if len(live) < 2:
             return None
         t0 = time.perf_counter()
         try:
-            res = self.process_many([rows[i] for i in live])
+            with _time_limit(self.timeout_s and self.timeout_s * len(live), self.name):
+                res = self.process_many([rows[i] for i in live])
+            for r in res:
+                _check_finite(r, self)
         except Exception as exc:  # noqa: BLE001 - retried row by row, where failures become `error`
             log.warning("%s: batch of %d failed (%s); retrying row by row", self.name, len(live), exc)
             return None
@@ -212,6 +238,41 @@ class RowStage(Stage):
             spent[self.name] = spent.get(self.name, 0.0) + each
             done[i] = dict(r, **{TIMINGS: json.dumps(spent)})
         return done
+
+
+class StageTimeout(RuntimeError):
+    """A stage call ran past its time limit (runtime.video_timeout_s)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None, stage: str) -> Iterator[None]:
+    """Raise StageTimeout in this thread after `seconds` (main thread only; elsewhere no limit).
+
+    Works for Python-level loops (PyAV hands every frame back to Python); a single C call that never
+    returns cannot be interrupted this way.
+    """
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _expired(signum: int, frame: Any) -> None:
+        raise StageTimeout(f"exceeded {seconds:g} s (runtime.video_timeout_s)")
+
+    previous = signal.signal(signal.SIGALRM, _expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _check_finite(row: dict[str, Any], stage: Stage) -> None:
+    """Raise ValueError when a float column the stage added is NaN or infinite (a broken model output)."""
+    for col, typ in stage.added_columns(stage.cfg).items():
+        v = row.get(col)
+        if isinstance(v, float) and pa.types.is_floating(typ) and not math.isfinite(v):
+            raise ValueError(f"{col} is {v} (the stage produced a non-finite score)")
 
 
 def output_schema(schema: pa.Schema, stage: type[Stage], cfg: StageConfig | None = None) -> pa.Schema:

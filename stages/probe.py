@@ -66,7 +66,7 @@ def local_path(uri: str) -> str:
         raise ValueError(f"unsupported uri scheme {parsed.scheme!r} (probe reads local paths or file:// URLs)")
     if parsed.netloc not in ("", "localhost"):
         raise ValueError(f"file:// URL with a remote host is not supported: {uri!r}")
-    return unquote(parsed.path)
+    return unquote(parsed.path, errors="surrogateescape")  # %XX of a non-UTF-8 file name: the same bytes
 
 
 def _uri_id(uri: str) -> str:
@@ -146,6 +146,9 @@ def probe_file(uri: str, cfg: ProbeConfig | None = None) -> dict[str, Any]:
     except OSError as exc:
         res["video_id"] = _uri_id(uri)
         return reject(f"unreadable: {type(exc).__name__}: {exc.strerror or exc}")
+    except ValueError as exc:  # a path no OS call accepts (an embedded NUL byte)
+        res["video_id"] = _uri_id(uri)
+        return reject(f"unreadable: {type(exc).__name__}: {exc}")
     res["size_bytes"] = size
     if size == 0:  # no content to identify it: a content id would be shared by every empty file
         res["video_id"] = _uri_id(uri)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 from pydantic import Field, model_validator
@@ -147,7 +148,7 @@ class Split(RowStage):
     def process(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         from clipmill.stages.shots import detect_shots  # noqa: PLC0415 - heavy import, once per worker
 
-        shots = detect_shots(row["uri"], self.cfg.detector)
+        shots = detect_shots(_local_path(row["uri"]), self.cfg.detector)
         n, fps = int(shots.n_frames), float(shots.fps)
         if n <= 0 or not fps > 0:
             raise ValueError(f"no decodable video frames (n_frames={n}, fps={fps})")
@@ -182,6 +183,16 @@ class Split(RowStage):
                 start_pts=_pts_at(pts, c.start), end_pts=_pts_at(pts, c.end),
             ))
         return out
+
+
+def _local_path(uri: str) -> str:
+    """Local path of a plain path or `file://` URL (percent-escapes decoded, as the probe stage does)."""
+    if not uri.startswith("file:"):
+        return uri
+    parsed = urlparse(uri)
+    if parsed.netloc not in ("", "localhost"):
+        raise ValueError(f"file:// URL with a remote host is not supported: {uri!r}")
+    return unquote(parsed.path, errors="surrogateescape")
 
 
 def _pts_at(pts: Any, i: int) -> int | None:

@@ -321,7 +321,7 @@ def _local_path(uri: str) -> str:
         parsed = urlparse(uri)
         if parsed.netloc not in ("", "localhost"):
             raise ValueError(f"file:// URL with a remote host is not supported: {uri!r}")
-        return unquote(parsed.path)
+        return unquote(parsed.path, errors="surrogateescape")  # %XX of a non-UTF-8 file name: the same bytes
     if "://" in uri:
         raise ValueError(f"transcode reads local paths or file:// URLs, got {uri!r}")
     return uri

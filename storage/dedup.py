@@ -779,14 +779,24 @@ def _rewrite_shard(out: Path, rec: CommitRecord, dup: pa.Array) -> None:
     else:
         table = table.append_column(pa.field(DUPLICATE_OF, pa.string()), dup)
     tmp = new_path.with_name(f".{new_path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=256)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, new_path)
-    _fsync_dir(new_path.parent)
-    files = dict(rec.files)
-    files["clips"] = ShardFile(new_rel, _sha256(new_path), new_path.stat().st_size, table.num_rows)
-    write_json_atomic(out / COMMITS / f"{rec.shard}.json", replace(rec, files=files).to_json())  # the switch
+    record = out / COMMITS / f"{rec.shard}.json"
+    try:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=256)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, new_path)
+        _fsync_dir(new_path.parent)
+        files = dict(rec.files)
+        files["clips"] = ShardFile(new_rel, _sha256(new_path), new_path.stat().st_size, table.num_rows)
+        write_json_atomic(record, replace(rec, files=files).to_json())  # the switch
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        new_path.unlink(missing_ok=True)
+        record.with_name(f".{record.name}.tmp").unlink(missing_ok=True)
+        raise DatasetError(
+            f"dedup could not rewrite {old_rel}: {exc.strerror or exc}; the dataset is unchanged for this shard. "
+            f"Free space and run `clipmill dedup {out}` (or the same run command) again"
+        ) from exc
     _delete_replaced(old_path)
 
 

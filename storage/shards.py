@@ -286,25 +286,41 @@ class ShardWriter:
         shard = f"part-{self._next:05d}"
         files: dict[str, ShardFile] = {}
         tmps: list[tuple[Path, Path]] = []
-        for table, data in (("videos", videos), ("clips", clips)):
-            final = self.out / table / f"{shard}.parquet"
-            tmp = _tmp_name(final)
-            pq.write_table(data, tmp, compression="zstd", row_group_size=256)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            files[table] = ShardFile(f"{table}/{shard}.parquet", _sha256(tmp), tmp.stat().st_size, len(data))
-            tmps.append((tmp, final))
-        for table in ("videos", "clips"):
-            _fsync_dir(self.out / table)
-        record = CommitRecord(
-            shard=shard, schema_version=SCHEMA_VERSION, created_at=_now(), files=files,
-            video_ids=videos["video_id"].to_pylist(), uris=videos["uri"].to_pylist(),
-        )
-        write_json_atomic(self.out / COMMITS / f"{shard}.json", record.to_json())  # the commit point
-        for tmp, final in tmps:
-            os.replace(tmp, final)
-        for table in ("videos", "clips"):
-            _fsync_dir(self.out / table)
+        record_path = self.out / COMMITS / f"{shard}.json"
+        try:
+            for table, data in (("videos", videos), ("clips", clips)):
+                final = self.out / table / f"{shard}.parquet"
+                tmp = _tmp_name(final)
+                tmps.append((tmp, final))
+                pq.write_table(data, tmp, compression="zstd", row_group_size=256)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                files[table] = ShardFile(f"{table}/{shard}.parquet", _sha256(tmp), tmp.stat().st_size, len(data))
+            for table in ("videos", "clips"):
+                _fsync_dir(self.out / table)
+            record = CommitRecord(
+                shard=shard, schema_version=SCHEMA_VERSION, created_at=_now(), files=files,
+                video_ids=videos["video_id"].to_pylist(), uris=videos["uri"].to_pylist(),
+            )
+            write_json_atomic(record_path, record.to_json())  # the commit point
+        except OSError as exc:
+            for tmp, _ in tmps:
+                tmp.unlink(missing_ok=True)
+            record_path.with_name(f".{record_path.name}.tmp").unlink(missing_ok=True)
+            raise DatasetError(
+                f"cannot commit shard {shard} to {self.out}: {exc.strerror or exc}; nothing of it is visible. "
+                f"Free space (or fix the directory) and run the same command again to resume"
+            ) from exc
+        try:
+            for tmp, final in tmps:
+                os.replace(tmp, final)
+            for table in ("videos", "clips"):
+                _fsync_dir(self.out / table)
+        except OSError as exc:
+            raise DatasetError(
+                f"shard {shard} is committed but its files could not be renamed ({exc.strerror or exc}); the next "
+                f"run on {self.out} completes it"
+            ) from exc
         self._next += 1
         return record
 

@@ -271,3 +271,74 @@ def test_reencoded_rescaled_copy_is_marked_duplicate_across_videos(ray_session, 
     assert all(c["duplicate_of"] is None for c in clips if c["uri"].endswith("other.mp4"))
     meta = json.loads((out / "run.json").read_text())
     assert meta["runs"][-1]["global_steps"]["dedup"]["duplicates"] == len(small)
+
+
+def test_hanging_stage_times_out_and_nan_score_fails_the_video(ray_session, corpus, recipe_path, tmp_path,
+                                                                monkeypatch):
+    data = yaml.safe_load(recipe_path.read_text())
+    data["runtime"]["video_timeout_s"] = 4
+    rp = tmp_path / "timeout.yaml"
+    rp.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("CLIPMILL_FAULT_INJECT", "split:hang:flash.mp4;quality:nan:bikes.mp4")
+    items = expand_inputs([str(corpus["dir"] / n) for n in ("flash.mp4", "bikes.mp4", "dissolve.mp4")])
+    t0 = time.monotonic()
+    run(items, tmp_path / "ds", load_recipe(rp))
+    assert time.monotonic() - t0 < 120
+    videos = {Path(v["uri"]).name: v for v in read_table(tmp_path / "ds", "videos").to_pylist()}
+    assert videos["flash.mp4"]["status"] == "failed"
+    assert videos["flash.mp4"]["reason"].startswith("split: StageTimeout: exceeded 4 s")
+    assert videos["bikes.mp4"]["status"] == "failed"
+    assert "brightness is nan" in videos["bikes.mp4"]["reason"]
+    assert videos["dissolve.mp4"]["status"] == "done"
+
+
+def test_sigterm_commits_finished_videos_and_rerun_completes(ray_session, clean_run, corpus, recipe_path, tmp_path,
+                                                            clipmill_env):
+    out = tmp_path / "ds"
+    args = ["run", str(corpus["dir"]), "-o", str(out), "--recipe", str(recipe_path), "--address", ray_session]
+    proc = subprocess.Popen(CLI + args, env=clipmill_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(read_commits(out)) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in err and "Run the same command again" in err
+    assert not list(out.rglob(".*.tmp"))
+    res = _cli(args, clipmill_env)
+    assert res.returncode == 0, res.stderr
+    got = sorted(read_table(out, "clips")["clip_id"].to_pylist())
+    assert got == sorted(read_table(clean_run["out"], "clips")["clip_id"].to_pylist())
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 384 KB tmpfs (needs root, as in CI); yields its path and unmounts afterwards."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=384k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to simulate a full disk (needs root): {res.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_is_a_clear_error_and_rerun_after_space_frees_completes(
+        ray_session, clean_run, corpus, recipe_path, small_tmpfs, clipmill_env):
+    out = small_tmpfs / "ds"
+    data = yaml.safe_load(recipe_path.read_text())
+    data["write"]["media"] = "all"  # enough bytes to overflow 384 KB within a few shards
+    rp = small_tmpfs.parent / "all.yaml"
+    rp.write_text(yaml.safe_dump(data))
+    args = ["run", str(corpus["dir"]), "-o", str(out), "--recipe", str(rp), "--address", ray_session]
+    res = _cli(args, clipmill_env)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "No space left on device" in res.stderr and "run the same command again" in res.stderr
+    assert not list(out.rglob(".*.tmp"))  # nothing half-written is left, nothing half-visible
+    committed = read_table(out, "clips")["clip_id"].to_pylist()  # every committed shard still reads
+    subprocess.run(["mount", "-o", "remount,size=256m", str(small_tmpfs)], check=True)
+    res = _cli(args, clipmill_env)
+    assert res.returncode == 0, res.stderr
+    got = read_table(out, "clips")["clip_id"].to_pylist()
+    assert set(committed) <= set(got) and len(got) == len(set(got))
+    assert sorted(got) == sorted(read_table(clean_run["out"], "clips")["clip_id"].to_pylist())
