@@ -5,6 +5,12 @@ An INPUT is a file, a directory (searched recursively for video files), a glob p
 resolved against the manifest's folder). A file given by name is always an input, whatever its
 extension: if it is not a video, the probe stage rejects it with a reason. The same URI given twice is
 one input. Remote URLs (s3://, gs://, ...) are not read by this version and are refused with a message.
+
+A URI is a plain absolute path, except for a path whose bytes are not UTF-8 (ledgers store text): that one
+becomes a `file://` URL with those bytes percent-encoded (`file:///v/caf%E9.mp4`). `file://` URLs given as
+inputs or in manifests are percent-decoded. Manifest rows without a usable uri (missing, empty, not a
+string, a line that is not JSON) are skipped with a warning; a manifest that cannot be read at all, or
+none of whose rows has a `uri`, raises InputError. A UTF-8 byte-order mark at the start is ignored.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +45,26 @@ class InputItem:
     source_caption: str | None = None
 
 
+def _file_url_path(uri: str) -> str:
+    """The path of a `file://` URL, percent-escapes decoded (a non-UTF-8 byte comes back as itself)."""
+    return unquote(uri[len("file://"):], errors="surrogateescape")
+
+
+def _storable(uri: str) -> str:
+    """`uri` itself when it is valid UTF-8; else (a file name with undecodable bytes, held in surrogate
+    escapes) a `file://` URL with its bytes percent-encoded, which the stages turn back into the same path.
+    Ledger and shards store uris as UTF-8 text, so such a path cannot travel as it is.
+    """
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file://" + quote(os.fsencode(uri))
+    return uri
+
+
 def _norm(uri: str, base: Path | None = None) -> str:
     if uri.startswith("file://"):
-        uri = uri[len("file://"):]
+        uri = _file_url_path(uri)
     if "://" in uri:
         raise InputError(
             f"{uri}: remote URLs are not supported by this version of clipmill; copy the files locally "
@@ -57,11 +81,11 @@ def _from_manifest(path: Path) -> list[InputItem]:
     rows: list[dict]
     try:
         if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
+            with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM (Excel) is not data
                 rows = list(csv.DictReader(f))
         elif suffix == ".jsonl":
             rows = []
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         try:
@@ -72,10 +96,11 @@ def _from_manifest(path: Path) -> list[InputItem]:
             import pyarrow.parquet as pq  # noqa: PLC0415
 
             rows = pq.read_table(path).to_pylist()
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
         raise InputError(f"cannot read manifest {path}: {exc}") from exc
     if rows and not any(isinstance(r, dict) and "uri" in r for r in rows):
-        raise InputError(f"manifest {path} has no 'uri' column (columns: {sorted(rows[0])})")
+        columns = sorted({str(k) for r in rows if isinstance(r, dict) for k in r})
+        raise InputError(f"manifest {path} has no 'uri' column (columns: {columns}); each row needs a \"uri\"")
     items = []
     for n, r in enumerate(rows, 1):
         uri = r.get("uri") if isinstance(r, dict) else None
@@ -105,7 +130,7 @@ def expand_inputs(specs: list[str]) -> list[InputItem]:
     for spec in specs:
         if "://" in spec and not spec.startswith("file://"):
             _norm(spec)  # raises InputError with the message
-        local = spec[len("file://"):] if spec.startswith("file://") else spec
+        local = _file_url_path(spec) if spec.startswith("file://") else spec
         p = Path(local).expanduser()
         if p.is_dir():
             items += _from_dir(p)
@@ -121,7 +146,7 @@ def expand_inputs(specs: list[str]) -> list[InputItem]:
                 if os.path.isfile(m):
                     items.append(InputItem(_norm(m)))
     seen: dict[str, InputItem] = {}
-    for it in items:
+    for it in (InputItem(_storable(i.uri), i.source_caption) for i in items):
         if it.uri not in seen:
             seen[it.uri] = it
         elif it.source_caption and not seen[it.uri].source_caption:

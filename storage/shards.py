@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import signal
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,18 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+CRASH_ENV = "CLIPMILL_CRASH_AT"
+
+
+def _crash_point(name: str, commits_done: int) -> None:
+    """Fault injection for crash tests: SIGKILL this process at commit step `name` of commit number N,
+    when CLIPMILL_CRASH_AT="<name>:<N>" (N counts this process's commits from 0). Never set in normal use."""
+    spec = os.environ.get(CRASH_ENV)
+    if spec and spec == f"{name}:{commits_done}":
+        log.warning("CLIPMILL_CRASH_AT=%s: killing this process now", spec)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -202,6 +215,7 @@ class ShardWriter:
     out: Path
     _lock_fd: int | None = field(default=None, repr=False)
     _next: int = 0
+    _commits_done: int = 0
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -302,7 +316,9 @@ class ShardWriter:
                 shard=shard, schema_version=SCHEMA_VERSION, created_at=_now(), files=files,
                 video_ids=videos["video_id"].to_pylist(), uris=videos["uri"].to_pylist(),
             )
+            _crash_point("before_record", self._commits_done)
             write_json_atomic(record_path, record.to_json())  # the commit point
+            _crash_point("after_record", self._commits_done)
         except OSError as exc:
             for tmp, _ in tmps:
                 tmp.unlink(missing_ok=True)
@@ -312,8 +328,10 @@ class ShardWriter:
                 f"Free space (or fix the directory) and run the same command again to resume"
             ) from exc
         try:
-            for tmp, final in tmps:
+            for i, (tmp, final) in enumerate(tmps):
                 os.replace(tmp, final)
+                if i == 0:
+                    _crash_point("mid_rename", self._commits_done)
             for table in ("videos", "clips"):
                 _fsync_dir(self.out / table)
         except OSError as exc:
@@ -322,6 +340,7 @@ class ShardWriter:
                 f"run on {self.out} completes it"
             ) from exc
         self._next += 1
+        self._commits_done += 1
         return record
 
 
