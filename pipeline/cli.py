@@ -43,8 +43,9 @@ def main(verbose: int) -> None:
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local Ray).")
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Process at most N new inputs.")
 @click.option("--progress/--no-progress", default=None, help="Live progress (default: when stderr is a TTY).")
+@click.option("--repair", is_flag=True, help="First verify OUT and quarantine broken shards, so they are re-run.")
 def run(inputs: tuple[str, ...], out: str, recipe: str, address: str | None, limit: int | None,
-        progress: bool | None) -> None:
+        progress: bool | None, repair: bool) -> None:
     """Run a recipe over INPUTS (files, directories, globs, or .csv/.jsonl/.parquet manifests) into OUT.
 
     Re-running the same command resumes: videos already committed in OUT are skipped.
@@ -65,6 +66,15 @@ def run(inputs: tuple[str, ...], out: str, recipe: str, address: str | None, lim
         _fail(str(exc))
     if not items:
         _fail("no inputs found; give video files, directories, globs or a manifest")
+    if repair and Path(out).is_dir():
+        from clipmill.storage.verify import repair_dataset, verify_dataset  # noqa: PLC0415
+
+        try:
+            report = verify_dataset(out)
+            if not report.clean:
+                click.echo(repair_dataset(out, report).format(), err=True)
+        except DatasetError as exc:
+            _fail(str(exc))
     show = sys.stderr.isatty() if progress is None else progress
     reporter = _Progress(show)
     try:
@@ -210,6 +220,37 @@ def sql(out: str, query: str, fmt: str, output: str | None, allow_external: bool
         _fail(str(exc))
     except QueryError as exc:
         _fail(str(exc))
+
+
+# ------------------------------------------------------------------------------------------ verify
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option("--checksums/--no-checksums", default=True, show_default=True,
+              help="Hash every committed file against its commit record (reads the whole dataset).")
+@click.option("--repair", is_flag=True, help="Move broken shards to OUT/_quarantine so a rerun re-processes them.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(out: str, checksums: bool, repair: bool, as_json: bool) -> None:
+    """Check dataset OUT against its commit records (files, sizes, checksums, rows, schema, duplicates).
+
+    Exit 0 when it is intact, 1 when problems were found (and not repaired), 2 when it cannot be checked.
+    """
+    from clipmill.storage.shards import DatasetError  # noqa: PLC0415
+    from clipmill.storage.verify import repair_dataset, verify_dataset  # noqa: PLC0415
+
+    try:
+        report = verify_dataset(out, checksums=checksums)
+        fixed = repair_dataset(out, report) if repair and not report.clean else None
+    except DatasetError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps({"verify": report.to_json(), "repair": fixed.to_json() if fixed else None},
+                              indent=1, default=str))
+    else:
+        click.echo(report.format())
+        if fixed is not None:
+            click.echo(fixed.format())
+    if not report.ok and fixed is None:
+        sys.exit(1)
 
 
 # ------------------------------------------------------------------------------------------- dedup

@@ -173,6 +173,8 @@ def _probe_container(container, path: str, size: int, cfg: ProbeConfig, res: dic
         return reject("no_video_stream")
     stream = container.streams.video[0]
     ctx = stream.codec_context
+    if ctx is None:  # PyAV opens no codec context for a codec FFmpeg cannot decode (e.g. a mangled codec tag)
+        return reject("undecodable: no decoder for the video codec")
     res["codec"] = ctx.codec.canonical_name  # "av1", not the decoder's name "libdav1d"
     res["pix_fmt"] = ctx.pix_fmt
     res["width"], res["height"] = ctx.width or None, ctx.height or None

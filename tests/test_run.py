@@ -342,3 +342,27 @@ def test_disk_full_is_a_clear_error_and_rerun_after_space_frees_completes(
     got = read_table(out, "clips")["clip_id"].to_pylist()
     assert set(committed) <= set(got) and len(got) == len(set(got))
     assert sorted(got) == sorted(read_table(clean_run["out"], "clips")["clip_id"].to_pylist())
+
+
+def test_corrupted_shard_is_found_by_verify_and_run_repair_restores_it(ray_session, clean_run, corpus, recipe_path,
+                                                                       tmp_path, clipmill_env):
+    out = tmp_path / "ds"
+    shutil.copytree(clean_run["out"], out)
+    res = _cli(["verify", str(out)], clipmill_env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rec = [r for r in read_commits(out) if r.files["clips"].rows][0]
+    victim = out / rec.files["clips"].path
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    res = _cli(["verify", str(out)], clipmill_env)
+    assert res.returncode == 1
+    assert rec.shard in res.stdout and "checksum" in res.stdout
+    args = ["run", str(corpus["dir"]), "-o", str(out), "--recipe", str(recipe_path), "--address", ray_session,
+            "--repair"]
+    res = _cli(args, clipmill_env)
+    assert res.returncode == 0, res.stderr
+    assert _cli(["verify", str(out)], clipmill_env).returncode == 0
+    got = sorted(read_table(out, "clips")["clip_id"].to_pylist())
+    assert got == sorted(read_table(clean_run["out"], "clips")["clip_id"].to_pylist())
+    assert list((out / "_quarantine").rglob("*.parquet"))
