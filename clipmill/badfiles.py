@@ -402,6 +402,7 @@ __all__ += [
     "make_claimed_size_mjpeg",
     "make_claimed_size_mp4",
     "make_claimed_size_y4m",
+    "make_latin1_metadata",
     "make_one_pixel",
     "make_size_change",
     "patch_mp4_dimensions",
@@ -494,16 +495,57 @@ def make_claimed_size_y4m(d: str | os.PathLike, width: int = 7680, height: int =
     return out
 
 
-def make_size_change(d: str | os.PathLike, n: int = 12, name: str = "size_change.h264") -> Path:
-    """A raw H.264 stream (no container) whose frame size changes midway: `n` frames 160x96, then `n` 64x48.
+def make_size_change(d: str | os.PathLike, n: int = 12, name: str = "size_change.mkv") -> Path:
+    """H.264 whose frame size changes midway: `n` frames 160x96, then `n` frames 64x48, at 24 fps.
 
-    Two Annex-B streams back to back; the second starts with its own SPS/PPS and an IDR frame, as in a
-    broadcast capture that switches resolution.
+    Two Annex-B streams back to back (the second starts with its own SPS/PPS and an IDR frame, as in a
+    broadcast capture that switches resolution), remuxed into Matroska with timestamps; with a `.h264`
+    name the raw stream is kept as it is (no container, so no duration).
     """
     first = encode_video(_dir(d) / "_size_a.h264", moving_frames(n, 160, 96), 24, container_format="h264")
     second = encode_video(_dir(d) / "_size_b.h264", moving_frames(n, 64, 48, seed=1), 24, container_format="h264")
-    out = _dir(d) / name
-    out.write_bytes(first.read_bytes() + second.read_bytes())
+    raw = _dir(d) / "_size_ab.h264"
+    raw.write_bytes(first.read_bytes() + second.read_bytes())
     first.unlink()
     second.unlink()
+    out = _dir(d) / name
+    if out.suffix == ".h264":
+        raw.replace(out)
+        return out
+    tb = Fraction(1, 24)
+    with av.open(str(raw), format="h264") as src, av.open(str(out), mode="w") as dst:
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        i = 0
+        for packet in src.demux(src.streams.video[0]):
+            if packet.size == 0:  # the demuxer's final empty packet
+                continue
+            packet.stream = stream
+            packet.pts = packet.dts = i
+            packet.duration = 1
+            packet.time_base = tb
+            dst.mux(packet)
+            i += 1
+    raw.unlink()
+    return out
+
+
+def make_latin1_metadata(d: str | os.PathLike, name: str = "latin1_title.webm") -> Path:
+    """VP9 in WebM whose container title is Latin-1 bytes, not UTF-8 (as old Windows tools wrote them)."""
+    src = make_vp9_webm(d, name="_meta_src.webm")
+    tagged = _dir(d) / "_meta_tagged.webm"
+    with av.open(str(src)) as i, av.open(str(tagged), mode="w") as o:
+        o.metadata["title"] = "TITLEMARK"
+        stream = o.add_stream_from_template(i.streams.video[0])
+        for packet in i.demux(i.streams.video[0]):
+            if packet.dts is None:
+                continue
+            packet.stream = stream
+            o.mux(packet)
+    data = tagged.read_bytes()
+    if data.count(b"TITLEMARK") != 1:
+        raise RuntimeError("could not find the title to patch")
+    out = _dir(d) / name
+    out.write_bytes(data.replace(b"TITLEMARK", b"caf\xe9 \xab!\xbb\xff"))  # same length: sizes stay valid
+    src.unlink()
+    tagged.unlink()
     return out

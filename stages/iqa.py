@@ -71,6 +71,14 @@ def _lgamma(x: np.ndarray) -> np.ndarray:
     return np.array([math.lgamma(v) for v in np.ravel(x)]).reshape(np.shape(x))
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numbers only: any class or function reference is refused, so a
+    tampered model file cannot run code (no pickle of untrusted data)."""
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a model file (plain data only)")
+
+
 class Brisque:
     """Scores RGB images with BRISQUE; loads the SVR model and feature ranges once, in the constructor.
 
@@ -95,7 +103,7 @@ class Brisque:
         if not self._model:
             raise ValueError(f"libsvm could not read {folder / 'svm.txt'}")
         with open(folder / "normalize.pickle", "rb") as f:
-            ranges = pickle.load(f)  # noqa: S301 - plain lists from the installed package
+            ranges = _PlainUnpickler(f).load()
         if not isinstance(ranges, dict) or {"min_", "max_"} - set(ranges):
             raise ValueError(f"{folder / 'normalize.pickle'}: expected a dict with 'min_' and 'max_'")
         self._min = np.asarray(ranges["min_"], dtype=np.float64)

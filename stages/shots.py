@@ -172,7 +172,7 @@ def _iter_frames(source: Source, fast: bool) -> Iterator[tuple[av.VideoFrame, Fr
     """
     src = os.fspath(source) if isinstance(source, (str, os.PathLike)) else source
     try:
-        container = av.open(src)
+        container = av.open(src, metadata_errors="ignore")  # a Latin-1 title must not stop the decode
     except (av.FFmpegError, OSError) as exc:
         raise ValueError(f"cannot open video {source!r}: {exc}") from exc
     with container:

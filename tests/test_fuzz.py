@@ -230,7 +230,7 @@ def mutate(data: bytes, ops: list[tuple]) -> bytes:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-@settings(max_examples=30, **FUZZ_SETTINGS)
+@settings(max_examples=40, **FUZZ_SETTINGS)
 @given(ops=st.lists(MUTATION, min_size=1, max_size=8))
 def test_mutated_bytes_are_ledgered_once(chain, seeds, fuzz_dir, family, ops):
     data, suffix = seeds[family]
@@ -241,7 +241,7 @@ def test_mutated_bytes_are_ledgered_once(chain, seeds, fuzz_dir, family, ops):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-@settings(max_examples=15, **FUZZ_SETTINGS)
+@settings(max_examples=20, **FUZZ_SETTINGS)
 @given(keep=st.floats(0.0, 1.0, exclude_max=True))
 def test_truncated_files_are_ledgered_once(chain, seeds, fuzz_dir, family, keep):
     data, suffix = seeds[family]
@@ -254,8 +254,9 @@ def test_truncated_files_are_ledgered_once(chain, seeds, fuzz_dir, family, keep)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-@settings(max_examples=15, **FUZZ_SETTINGS)
-@given(n=st.integers(1, 4096), fill=st.sampled_from(["zeros", "ones", "random"]), seed=st.integers(0, 2**16))
+@settings(max_examples=20, **FUZZ_SETTINGS)
+@given(n=st.one_of(st.integers(1, 64), st.integers(1, 4096)), fill=st.sampled_from(["zeros", "ones", "random"]),
+       seed=st.integers(0, 2**16))
 def test_corrupted_headers_are_ledgered_once(chain, seeds, fuzz_dir, family, n, fill, seed):
     import numpy as np  # noqa: PLC0415
 
@@ -307,7 +308,9 @@ EXTREMES = {
     "pts_offset_10h": (lambda d: badfiles.make_pts_offset(d, offset_s=36000, name="pts_10h.mp4"), "done"),
     "pts_negative_mkv": (lambda d: badfiles.encode_video(
         d / "neg.mkv", badfiles.moving_frames(24), 24, pts=list(range(-12, 12))), "done"),
-    "size_change_h264": (lambda d: badfiles.make_size_change(d), None),
+    "size_change_mkv": (lambda d: badfiles.make_size_change(d), "done"),
+    "size_change_raw_h264": (lambda d: badfiles.make_size_change(d, name="size_change.h264"), None),
+    "latin1_metadata_webm": (lambda d: badfiles.make_latin1_metadata(d), "done"),
     "odd_size": (lambda d: badfiles.make_odd_size(d), "done"),
     "garbage_payload": (lambda d: badfiles.make_garbage_payload(d), None),
     "truncated_faststart": (lambda d: badfiles.make_truncated_faststart(d), "rejected"),
