@@ -405,6 +405,7 @@ __all__ += [
     "make_latin1_metadata",
     "make_one_pixel",
     "make_size_change",
+    "make_unknown_codec_tag",
     "patch_mp4_dimensions",
 ]
 
@@ -548,4 +549,21 @@ def make_latin1_metadata(d: str | os.PathLike, name: str = "latin1_title.webm") 
     out.write_bytes(data.replace(b"TITLEMARK", b"caf\xe9 \xab!\xbb\xff"))  # same length: sizes stay valid
     src.unlink()
     tagged.unlink()
+    return out
+
+
+def make_unknown_codec_tag(d: str | os.PathLike, name: str = "unknown_codec.mp4") -> Path:
+    """A valid H.264 MP4 whose sample entry names a codec nobody knows (`avc1` -> `zzzz`).
+
+    The container opens and lists a video stream, but FFmpeg has no decoder for it (PyAV gives the stream no
+    codec context); the bytes of the stream itself are intact.
+    """
+    src = make_valid(d, name="_tag_src.mp4", n=24)
+    data = src.read_bytes()
+    src.unlink()
+    at = data.find(b"avc1", data.find(b"stsd"))
+    if at < 0:
+        raise RuntimeError("no avc1 sample entry found")
+    out = _dir(d) / name
+    out.write_bytes(data[:at] + b"zzzz" + data[at + 4 :])
     return out

@@ -171,8 +171,10 @@ def init_ray(address: str | None, recipe: Recipe) -> bool:
     else:
         rt = recipe.runtime
         store = rt.object_store_mb * 2**20 if rt.object_store_mb else 2 * 2**30
-        ray.init(num_cpus=rt.num_cpus or os.cpu_count(), object_store_memory=store, include_dashboard=False,
-                 **kwargs)
+        # address="local": always a new embedded Ray, even when `ray start` left a cluster on this machine
+        # (use --address/RAY_ADDRESS to join one).
+        ray.init(address="local", num_cpus=rt.num_cpus or os.cpu_count(), object_store_memory=store,
+                 include_dashboard=False, **kwargs)
     return True
 
 

@@ -27,8 +27,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=512 * 2**20, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=2, object_store_memory=512 * 2**20, include_dashboard=False,
+                 log_to_driver=False, logging_level=logging.WARNING)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -311,6 +311,7 @@ EXTREMES = {
     "size_change_mkv": (lambda d: badfiles.make_size_change(d), "done"),
     "size_change_raw_h264": (lambda d: badfiles.make_size_change(d, name="size_change.h264"), None),
     "latin1_metadata_webm": (lambda d: badfiles.make_latin1_metadata(d), "done"),
+    "unknown_codec_tag_mp4": (lambda d: badfiles.make_unknown_codec_tag(d), "rejected"),
     "odd_size": (lambda d: badfiles.make_odd_size(d), "done"),
     "garbage_payload": (lambda d: badfiles.make_garbage_payload(d), None),
     "truncated_faststart": (lambda d: badfiles.make_truncated_faststart(d), "rejected"),
@@ -575,6 +576,8 @@ def test_runner_ledgers_every_fuzzed_input_once(ray_session, seeds, tmp_path):
         (d / f"mutated_{family}{suffix}").write_bytes(mutate(data, ops))
     badfiles.make_empty(d)
     badfiles.make_claimed_size_y4m(d)
+    badfiles.make_unknown_codec_tag(d)  # probe once raised on it: a NULL video_id that broke the shard commit
+    badfiles.make_latin1_metadata(d)  # split once failed on it
     raw_name = os.path.join(os.fsencode(d), b"caf\xe9 <script>.mp4")
     with open(raw_name, "wb") as f:
         f.write(mutate(seeds["h264_mp4"][0], [("xor", ("head", 40), 0x55)]))
