@@ -9,6 +9,7 @@ that error and none of its clips are written; a rejected one keeps the probe's r
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -59,6 +60,9 @@ def video_result(rows: list[dict[str, Any]], media: str = "kept", thumbnails: bo
         "height", "rotation", "n_frames", "has_audio", "source_caption", "detector", "cuts", "transitions",
         "skipped_spans",
     )}
+    if not video.get("video_id"):  # probe never got to hash the content: an id from the uri keeps it ledgered
+        video["video_id"] = "uri-" + hashlib.blake2b(str(video["uri"]).encode("utf-8", "surrogateescape"),
+                                                     digest_size=8).hexdigest()
     video.update(status=status, reason=reason, n_clips=len(clips), n_kept=sum(1 for c in clips if c["kept"]),
                  committed_at=now)
     spent: dict[str, float] = {}

@@ -58,3 +58,10 @@ def test_media_policy():
     assert kept_only[0]["media"] and kept_only[1]["media"] is None
     assert all(c["media"] for c in video_result(_rows("/a", 2), media="all").clips)
     assert all(c["media"] is None for c in video_result(_rows("/a", 2), media="none").clips)
+
+
+def test_a_video_without_content_id_still_gets_a_deterministic_id():
+    rows = _rows("/a", 0, status="rejected", reason="unreadable: x")
+    rows[0]["video_id"] = None
+    a, b = video_result(rows), video_result([dict(rows[0])])
+    assert a.video["video_id"].startswith("uri-") and a.video["video_id"] == b.video["video_id"]
