@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -167,7 +168,16 @@ def init_ray(address: str | None, recipe: Recipe) -> bool:
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunError(
+                f"cannot join the Ray cluster at {address}: {first}. Check the address (ray status on the head "
+                f"node); a cluster with token authentication also needs RAY_AUTH_MODE=token (and its token in "
+                f"RAY_AUTH_TOKEN or the default token file) in this shell"
+            ) from exc
     else:
         rt = recipe.runtime
         store = rt.object_store_mb * 2**20 if rt.object_store_mb else 2 * 2**30
@@ -176,6 +186,22 @@ def init_ray(address: str | None, recipe: Recipe) -> bool:
         ray.init(address="local", num_cpus=rt.num_cpus or os.cpu_count(), object_store_memory=store,
                  include_dashboard=False, **kwargs)
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast with RunError when a plain host:port Ray address does not accept TCP connections
+    (ray.init would otherwise retry silently for minutes). Other forms (auto, ray://...) are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit() or not host:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise RunError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start it (ray start --head) or "
+            f"check --address / RAY_ADDRESS"
+        ) from None
 
 
 def build_plan(items: list[InputItem], recipe: Recipe) -> Any:

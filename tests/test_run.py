@@ -212,6 +212,8 @@ def test_cli_refuses_what_cannot_run(tmp_path, clipmill_env, corpus):
     blocker.write_text("")
     res = _cli(["run", str(corpus["dir"]), "-o", str(blocker / "o")], clipmill_env)
     assert res.returncode == 2 and "cannot write" in res.stderr
+    res = _cli(["run", str(corpus["dir"]), "-o", str(tmp_path / "o2"), "--address", "127.0.0.1:1"], clipmill_env)
+    assert res.returncode == 1 and "cannot reach the Ray cluster at 127.0.0.1:1" in res.stderr
 
 
 def test_kill_9_then_rerun_equals_clean_run(ray_session, clean_run, corpus, recipe_path, tmp_path, clipmill_env):
