@@ -29,6 +29,7 @@ bench: setup
 	$(PY) bench/pipeline.py
 	$(PY) bench/scores.py
 	$(PY) bench/dedup.py
+	$(PY) bench/faults.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -360,10 +360,14 @@ def kill_matrix(ray_session, fcorpus, frecipe, fenv, clean, tmp_path_factory) ->
             for spec in CHAIN_A:
                 kills.append(_crash_run(args, fenv, out, spec, chain))
         else:
+            n_inputs = len(list(fcorpus.iterdir()))
             for i, sig in enumerate(CHAIN_B):
-                if kills and kills[-1].chain == "B" and kills[-1].returncode == 0:
-                    # the previous run finished before its signal landed: nothing is left to interrupt on this
-                    # OUT, so keep it as a finished chain and go on with a fresh one
+                left = n_inputs - (len(read_table(out, "videos", ["uri"])) if out.exists() else 0)
+                if left < 3 or (kills and kills[-1].chain == "B" and kills[-1].returncode == 0):
+                    # too little is left to interrupt on this OUT (a signal sent after its last commit would
+                    # find a finished run): finish it as its own chain and go on with a fresh one
+                    res = run_cli(args, fenv)
+                    assert res.returncode == 0, f"chain B{i}: rerun failed: {res.stderr[-3000:]}"
                     finals[f"B{i}"], reruns[f"B{i}"] = out, 0
                     out = tmp_path_factory.mktemp(f"fault_chainB{i}") / "ds"
                     args = ["run", str(fcorpus), "-o", str(out), "--recipe", str(frecipe), "--address", ray_session]
