@@ -20,6 +20,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from clipmill.stages.base import FrameSpec, RowStage, StageConfig
+from clipmill.stages.framesets import pick_frames
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,7 @@ class FramesConfig(StageConfig):
 
 def sample_indices(total: int, n: int) -> list[int]:
     """`min(n, total)` distinct frame indices spread evenly over [0, total), first and last included."""
-    if total <= 0:
-        return []
-    if n == 1:
-        return [total // 2]
-    if n >= total:
-        return list(range(total))
-    return sorted({int(round(x)) for x in np.linspace(0, total - 1, n)})
+    return pick_frames(total, n)
 
 
 def _fit(width: int, height: int, max_side: int) -> tuple[int, int]:

@@ -57,7 +57,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from clipmill.stages.base import FrameSpec, RowStage, StageConfig
-from clipmill.stages.framesets import unpack_frames
+from clipmill.stages.framesets import pick_frames, row_frames  # noqa: F401 - pick_frames re-exported
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +104,6 @@ class OcrConfig(StageConfig):
     threads: int = Field(1, ge=1, le=64)
     det_batch: int = Field(1, ge=1, le=64)
     rec_batch: int = Field(1, ge=1, le=64)
-
-
-def pick_frames(n_have: int, n_want: int) -> list[int]:
-    """Indices of `min(n_want, n_have)` frames out of `n_have`, evenly spread, first and last kept."""
-    if n_want >= n_have:
-        return list(range(n_have))
-    if n_want == 1:
-        return [n_have // 2]
-    return sorted({int(round(x)) for x in np.linspace(0, n_have - 1, n_want)})
 
 
 def det_size(width: int, height: int, side: int) -> tuple[int, int]:
@@ -252,14 +243,7 @@ class Ocr(RowStage):
     # ------------------------------------------------------------------------------------------ rows
 
     def _frames(self, row: dict[str, Any]) -> list[np.ndarray]:
-        blob, shape = row.get(FRAMES_COL), row.get(SHAPE_COL)
-        if blob is None or shape is None:
-            raise ValueError(f"row has no {FRAMES_COL} (run the frames stage with the 'ocr' frame set first; "
-                             "the recipe loader adds it when the recipe lists the ocr stage)")
-        frames = unpack_frames(blob, shape)
-        if frames.shape[0] == 0:
-            raise ValueError(f"{FRAMES_COL} holds no frames")
-        return [frames[i] for i in pick_frames(frames.shape[0], self.cfg.max_frames)]
+        return row_frames(row, FRAME_SET, "ocr", self.cfg.max_frames)
 
     def process(self, row: dict[str, Any]) -> dict[str, Any]:
         return self.process_many([row])[0]
