@@ -387,26 +387,27 @@ def _stream(todo: list[InputItem], recipe: Recipe, writer: ShardWriter, out: Pat
             flush()
 
     stop = _GracefulStop()
-    try:
-        with stop.installed():
+    with stop.installed():  # from the first batch to the last commit, a signal stops the run cleanly
+        try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
                 for res in asm.add(batch.to_pylist()):
                     accept(res)
                 if on_progress:
                     on_progress(_live_view(stats, pending))
-    except RunInterrupted:
-        stop.signum = None
-        flush()  # videos that finished before the signal are committed; the rest are re-run on resume
-        stats.elapsed_s = time.monotonic() - stats.started
-        _update_run_json(out, meta, stats)
-        raise
-    for uri in asm.incomplete:
-        log.warning("%s: some clip rows were lost (worker failure); ledgered as failed", uri)
-    for it in todo:
-        if it.uri not in seen_uris:
-            log.warning("%s: no result came back (worker crashed after retries); ledgered as failed", it.uri)
-            accept(_lost_video(it.uri, "worker_lost: the task processing this video failed after retries"))
-    flush()
+            for uri in asm.incomplete:
+                log.warning("%s: some clip rows were lost (worker failure); ledgered as failed", uri)
+            for it in todo:
+                if it.uri not in seen_uris:
+                    log.warning("%s: no result came back (worker crashed after retries); ledgered as failed",
+                                it.uri)
+                    accept(_lost_video(it.uri, "worker_lost: the task processing this video failed after retries"))
+            flush()
+        except RunInterrupted:
+            stop.signum = None
+            flush()  # videos that finished before the signal are committed; the rest are re-run on resume
+            stats.elapsed_s = time.monotonic() - stats.started
+            _update_run_json(out, meta, stats)
+            raise
     if on_progress:
         on_progress(stats)
 
