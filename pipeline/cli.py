@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,12 @@ def run(inputs: tuple[str, ...], out: str, recipe: str, address: str | None, lim
             _fail(str(exc))
     show = sys.stderr.isatty() if progress is None else progress
     reporter = _Progress(show)
+
+    def _stop(signum: int, frame: object) -> None:  # outside the streaming loop (start-up, shutdown)
+        raise RunInterrupted(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
     try:
         with reporter:
             stats = run_pipeline(items, out, rec, address=address, limit=limit, on_progress=reporter.update,
@@ -90,8 +97,8 @@ def run(inputs: tuple[str, ...], out: str, recipe: str, address: str | None, lim
                    f"to resume into {out}.", err=True)
         sys.exit(128 + exc.signum)
     except KeyboardInterrupt:
-        click.echo(f"\nclipmill: interrupted; committed work is kept. Run the same command again to resume "
-                   f"into {out}.", err=True)
+        click.echo(f"\nclipmill: interrupted by SIGINT; every video that had finished is committed. Run the same "
+                   f"command again to resume into {out}.", err=True)
         sys.exit(130)
     _print_summary(out, stats)
 

@@ -309,7 +309,12 @@ def run(
 def _stream_with_ray(todo: list[InputItem], recipe: Recipe, writer: ShardWriter, out: Path, meta: dict[str, Any],
                      stats: RunStats, done_vids: set[str], on_progress: Callable[[RunStats], None] | None,
                      address: str | None) -> None:
+    # ray.init and ray.shutdown install (or reset) SIGINT/SIGTERM handlers of their own; keep the caller's,
+    # so that a signal at any time stops the run the same way.
+    main = threading.current_thread() is threading.main_thread()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     started_ray = init_ray(address, recipe)
+    _restore_handlers(saved)
     import ray  # noqa: PLC0415
 
     try:
@@ -323,6 +328,13 @@ def _stream_with_ray(todo: list[InputItem], recipe: Recipe, writer: ShardWriter,
     finally:
         if started_ray:
             ray.shutdown()
+        _restore_handlers(saved)
+
+
+def _restore_handlers(saved: dict[int, Any]) -> None:
+    for sig, handler in saved.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
 
 
 def run_global_stages(out: Path, recipe: Recipe) -> dict[str, Any]:
