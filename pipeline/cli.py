@@ -101,6 +101,10 @@ def run(inputs: tuple[str, ...], out: str, recipe: str, address: str | None, lim
                    f"command again to resume into {out}.", err=True)
         sys.exit(130)
     _print_summary(out, stats)
+    # Done: a late signal while the interpreter shuts down must not turn a finished run into a killed one
+    # (Python resets its handlers to the default action during finalization; ignored signals stay ignored).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _Progress:

@@ -365,7 +365,10 @@ def kill_matrix(ray_session, fcorpus, frecipe, fenv, clean, tmp_path_factory) ->
             n_inputs = len(list(fcorpus.iterdir()))
             for i, sig in enumerate(CHAIN_B):
                 left = n_inputs - (len(read_table(out, "videos", ["uri"])) if out.exists() else 0)
-                if left < 3 or (kills and kills[-1].chain == "B" and kills[-1].returncode == 0):
+                # SIGINT/SIGTERM get a fresh OUT: the inputs left over may be only fast rejects, and a signal
+                # 0-0.5 s after a commit would then find a run that had already finished its work
+                fresh = sig != signal.SIGKILL and left < n_inputs
+                if fresh or left < 3 or (kills and kills[-1].chain == "B" and kills[-1].returncode == 0):
                     # too little is left to interrupt on this OUT (a signal sent after its last commit would
                     # find a finished run): finish it as its own chain and go on with a fresh one
                     res = run_cli(args, fenv)
