@@ -44,7 +44,6 @@ per embedding model (CLIP-like models typically need ~0.9-0.95).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -68,8 +67,11 @@ from clipmill.storage.shards import (
     DatasetError,
     ShardFile,
     ShardWriter,
+    file_sha256,
+    fsync_dir,
     read_commits,
     write_json_atomic,
+    write_parquet_durable,
 )
 
 log = logging.getLogger(__name__)
@@ -741,7 +743,7 @@ def _remove_leftovers(out: Path, records: list[CommitRecord]) -> int:
             p.unlink()
             removed += 1
     if removed:
-        _fsync_dir(cdir)
+        fsync_dir(cdir)
     return removed
 
 
@@ -781,13 +783,11 @@ def _rewrite_shard(out: Path, rec: CommitRecord, dup: pa.Array) -> None:
     tmp = new_path.with_name(f".{new_path.name}.tmp")
     record = out / COMMITS / f"{rec.shard}.json"
     try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=256)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        write_parquet_durable(table, tmp)
         os.replace(tmp, new_path)
-        _fsync_dir(new_path.parent)
+        fsync_dir(new_path.parent)
         files = dict(rec.files)
-        files["clips"] = ShardFile(new_rel, _sha256(new_path), new_path.stat().st_size, table.num_rows)
+        files["clips"] = ShardFile(new_rel, file_sha256(new_path), new_path.stat().st_size, table.num_rows)
         write_json_atomic(record, replace(rec, files=files).to_json())  # the switch
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -802,23 +802,7 @@ def _rewrite_shard(out: Path, rec: CommitRecord, dup: pa.Array) -> None:
 
 def _delete_replaced(path: Path) -> None:
     path.unlink()
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    fsync_dir(path.parent)
 
 
 def iter_array_batches(x: np.ndarray, batch: int = 65536) -> Iterator[np.ndarray]:

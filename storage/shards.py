@@ -90,7 +90,8 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that renames and new names in it survive a power loss."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -118,15 +119,23 @@ def write_json_atomic(path: Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes (the checksum commit records hold)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_parquet_durable(table: pa.Table, path: Path) -> None:
+    """Write `table` to `path` (zstd, the shards' row-group size) and fsync the file."""
+    pq.write_table(table, path, compression="zstd", row_group_size=256)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _tmp_name(final: Path) -> Path:
@@ -306,12 +315,10 @@ class ShardWriter:
                 final = self.out / table / f"{shard}.parquet"
                 tmp = _tmp_name(final)
                 tmps.append((tmp, final))
-                pq.write_table(data, tmp, compression="zstd", row_group_size=256)
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
-                files[table] = ShardFile(f"{table}/{shard}.parquet", _sha256(tmp), tmp.stat().st_size, len(data))
+                write_parquet_durable(data, tmp)
+                files[table] = ShardFile(f"{table}/{shard}.parquet", file_sha256(tmp), tmp.stat().st_size, len(data))
             for table in ("videos", "clips"):
-                _fsync_dir(self.out / table)
+                fsync_dir(self.out / table)
             record = CommitRecord(
                 shard=shard, schema_version=SCHEMA_VERSION, created_at=_now(), files=files,
                 video_ids=videos["video_id"].to_pylist(), uris=videos["uri"].to_pylist(),
@@ -333,7 +340,7 @@ class ShardWriter:
                 if i == 0:
                     _crash_point("mid_rename", self._commits_done)
             for table in ("videos", "clips"):
-                _fsync_dir(self.out / table)
+                fsync_dir(self.out / table)
         except OSError as exc:
             raise DatasetError(
                 f"shard {shard} is committed but its files could not be renamed ({exc.strerror or exc}); the next "

@@ -62,7 +62,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipmill.storage.schema import CLIPS_SCHEMA, SCHEMA_MAJOR, VIDEOS_SCHEMA, schema_major
-from clipmill.storage.shards import COMMITS, LOCK, RUN_JSON, CommitRecord, DatasetError, ShardWriter
+from clipmill.storage.shards import (
+    COMMITS,
+    LOCK,
+    RUN_JSON,
+    CommitRecord,
+    DatasetError,
+    ShardWriter,
+    file_sha256,
+    fsync_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -490,7 +499,7 @@ def _check_file(out: Path, shard: _Shard, table: str, checksums: bool, report: V
         shard.add(sf.path, "size", f"{size} bytes on disk, {sf.bytes} recorded")
     elif checksums:
         try:
-            digest = _sha256(path)
+            digest = file_sha256(path)
         except OSError as exc:
             shard.add(sf.path, "unreadable", f"cannot read the file: {exc.strerror}")
             return None
@@ -636,14 +645,6 @@ def _find_leftovers(out: Path, shards: list[_Shard]) -> list[Leftover]:
     return found
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(4 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _repeated(values: list[Any]) -> list[Any]:
     seen: set[Any] = set()
     dups: dict[Any, None] = {}
@@ -740,7 +741,7 @@ def repair_dataset(out: str | os.PathLike, report: VerifyReport | None = None) -
                 final = path.with_name(path.name[1:-4])
                 if not final.exists():
                     os.replace(path, final)
-                    _fsync_dir(final.parent)
+                    fsync_dir(final.parent)
                     result.rolled_forward.append(str(final.relative_to(out)))
         if quarantine.dir is not None:
             result.quarantine_dir = str(quarantine.dir.relative_to(out))
@@ -835,8 +836,8 @@ class _Quarantine:
             raise DatasetError(f"{dst} exists already; move it away and run repair again")
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dst)
-        _fsync_dir(src.parent)
-        _fsync_dir(dst.parent)
+        fsync_dir(src.parent)
+        fsync_dir(dst.parent)
         log.info("repair %s: moved %s to %s", self.out, rel, dst.relative_to(self.out))
         return True
 
@@ -861,9 +862,3 @@ class _Quarantine:
             os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
