@@ -296,5 +296,22 @@ def stats(out: str, as_json: bool) -> None:
     click.echo(json.dumps(s, indent=1, default=str) if as_json else format_stats(s))
 
 
+# ------------------------------------------------------------------ commands that live beside their subsystem
+# "module:attribute" of click commands defined elsewhere; imported when the CLI starts, so those modules must keep
+# heavy imports (torch, transformers, ray) inside their command functions.
+_COMMANDS: list[str] = [
+]
+
+
+def _register_commands() -> None:
+    import importlib  # noqa: PLC0415
+
+    for ref in _COMMANDS:
+        module, _, attr = ref.partition(":")
+        main.add_command(getattr(importlib.import_module(module), attr))
+
+
+_register_commands()
+
 if __name__ == "__main__":
     main()
