@@ -302,6 +302,7 @@ def stats(out: str, as_json: bool) -> None:
 _COMMANDS: list[str] = [
     "clipmill.storage.export_cli:select_command",
     "clipmill.storage.export_cli:export_command",
+    "clipmill.storage.report_cli:report",
 ]
 
 
