@@ -18,6 +18,8 @@ STAGES: dict[str, str] = {
     "aesthetics": "clipmill.stages.aesthetics:Aesthetics",
     "embedding": "clipmill.stages.embedding:Embedding",
     "filter": "clipmill.stages.filter:Filter",
+    "caption": "clipmill.stages.caption:Caption",
+    "expand": "clipmill.stages.expand:Expand",
     "dedup": "clipmill.stages.dedup:Dedup",
 }
 

@@ -771,15 +771,37 @@ def _write_back(out: Path, records: list[CommitRecord], sizes: list[int], gidx: 
 
 
 def _rewrite_shard(out: Path, rec: CommitRecord, dup: pa.Array) -> None:
-    """New file (fsynced) -> commit record replaced atomically (the switch) -> old file deleted."""
+    """Replace the shard's `duplicate_of` column (see `rewrite_clip_columns`)."""
+    rewrite_clip_columns(out, rec, {DUPLICATE_OF: dup}, command=f"clipmill dedup {out}")
+
+
+def rewrite_clip_columns(out: str | os.PathLike, rec: CommitRecord, columns: dict[str, pa.Array], *,
+                         command: str = "the same command") -> CommitRecord:
+    """Atomically replace (or add) columns of one committed clip shard; every other column is copied unchanged.
+
+    New file `clips/part-NNNNN.rK.parquet` (fsynced) -> commit record replaced atomically (the switch) -> old
+    file deleted. A crash leaves either the old or the new shard committed; `remove_rewrite_leftovers` (run by
+    the next rewriter) deletes the other file. The caller must hold OUT's write lock (a ShardWriter). Arrays
+    must have the shard's row count and are cast to the schema's type when the column is in CLIPS_SCHEMA.
+    Raises DatasetError (naming `command` to run again) when the disk refuses the write; the shard is then
+    unchanged. Returns the new commit record.
+    """
+    from clipmill.storage.schema import CLIPS_SCHEMA  # noqa: PLC0415
+
+    out = Path(out)
     old_rel = rec.files["clips"].path
     new_rel = _next_name(old_rel)
     old_path, new_path = out / old_rel, out / new_rel
     table = pq.read_table(old_path)
-    if DUPLICATE_OF in table.column_names:
-        table = table.set_column(table.column_names.index(DUPLICATE_OF), DUPLICATE_OF, dup)
-    else:
-        table = table.append_column(pa.field(DUPLICATE_OF, pa.string()), dup)
+    for name, values in columns.items():
+        if len(values) != table.num_rows:
+            raise ValueError(f"column {name}: {len(values)} values for a shard of {table.num_rows} rows")
+        if name in CLIPS_SCHEMA.names:
+            values = values.cast(CLIPS_SCHEMA.field(name).type)
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), pa.field(name, values.type), values)
+        else:
+            table = table.append_column(pa.field(name, values.type), values)
     tmp = new_path.with_name(f".{new_path.name}.tmp")
     record = out / COMMITS / f"{rec.shard}.json"
     try:
@@ -788,16 +810,28 @@ def _rewrite_shard(out: Path, rec: CommitRecord, dup: pa.Array) -> None:
         fsync_dir(new_path.parent)
         files = dict(rec.files)
         files["clips"] = ShardFile(new_rel, file_sha256(new_path), new_path.stat().st_size, table.num_rows)
-        write_json_atomic(record, replace(rec, files=files).to_json())  # the switch
+        new_rec = replace(rec, files=files)
+        write_json_atomic(record, new_rec.to_json())  # the switch
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         new_path.unlink(missing_ok=True)
         record.with_name(f".{record.name}.tmp").unlink(missing_ok=True)
         raise DatasetError(
-            f"dedup could not rewrite {old_rel}: {exc.strerror or exc}; the dataset is unchanged for this shard. "
-            f"Free space and run `clipmill dedup {out}` (or the same run command) again"
+            f"could not rewrite {old_rel}: {exc.strerror or exc}; the dataset is unchanged for this shard. "
+            f"Free space and run `{command}` again"
         ) from exc
     _delete_replaced(old_path)
+    return new_rec
+
+
+def remove_rewrite_leftovers(out: str | os.PathLike, records: list[CommitRecord] | None = None) -> int:
+    """Delete clip files an interrupted shard rewrite left (see `rewrite_clip_columns`); returns how many.
+
+    The caller must hold OUT's write lock. `records` defaults to the dataset's commit records.
+    """
+    out = Path(out)
+    records = [r for r in (records if records is not None else read_commits(out)) if "clips" in r.files]
+    return _remove_leftovers(out, records)
 
 
 def _delete_replaced(path: Path) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 SCHEMA_MAJOR = int(SCHEMA_VERSION.split(".")[0])
 
 # videos.status values
@@ -94,13 +94,16 @@ CLIP_FIELDS: list[pa.Field] = [
     # filter (stages/filter.py)
     pa.field("kept", pa.bool_()),
     pa.field("reject_reasons", pa.list_(pa.string())),
-    # text (recaption, later issues; NULL until then)
+    # text (stages/caption.py, stages/expand.py; clipmill caption OUT rewrites them)
     pa.field("source_caption", pa.string()),
     pa.field("caption", pa.string()),
     pa.field("caption_model", pa.string()),
+    pa.field("caption_error", pa.string()),  # 1.2: why captioning failed (NULL when it did not)
+    pa.field("dominant_colors", pa.list_(pa.string())),  # 1.2: palette names (recaption/facts.py)
     pa.field("prompt_short", pa.string()),
     pa.field("prompt_long", pa.string()),
     pa.field("prompt_model", pa.string()),
+    pa.field("prompt_error", pa.string()),  # 1.2: why prompt expansion failed
     # media
     pa.field("thumbnail", pa.binary()),
     pa.field("media", pa.binary()),

@@ -1,0 +1,54 @@
+"""expand: training prompts per captioned clip, from an LLM or (offline) from a template.
+
+One row per clip (level "clip"). Reads `caption` (the caption stage) and the measured facts, and adds
+`prompt_short` (a prompt a user might type, at most ~15 words), `prompt_long` (a dense descriptive prompt in
+the style of the captions), `prompt_model` (the LLM, or "clipmill/template") and `prompt_error` (why the
+expansion failed: the backend's error, or a reply without the SHORT:/LONG: lines). Rows without a caption
+(rejected or failed clips) get NULLs. It writes no caption and judges nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from clipmill.recaption.core import ExpandSettings, expand_clips
+from clipmill.stages.base import RowStage, StageConfig
+
+PROMPT_SHORT = "prompt_short"
+PROMPT_LONG = "prompt_long"
+PROMPT_MODEL = "prompt_model"
+PROMPT_ERROR = "prompt_error"
+
+
+class ExpandConfig(ExpandSettings, StageConfig):
+    """Settings of the expand stage (backend, model, batching): see ExpandSettings/GenerationConfig."""
+
+
+class Expand(RowStage):
+    """Write prompt_short/prompt_long for every captioned clip (see the module docstring)."""
+
+    name: ClassVar[str] = "expand"
+    Config: ClassVar[type[StageConfig]] = ExpandConfig
+    level: ClassVar[str] = "clip"
+    reads: ClassVar[tuple[str, ...]] = ("caption",)
+    adds: ClassVar[dict[str, pa.DataType]] = {PROMPT_SHORT: pa.string(), PROMPT_LONG: pa.string(),
+                                               PROMPT_MODEL: pa.string(), PROMPT_ERROR: pa.string()}
+    uses_model: ClassVar[bool] = True
+    batch_size: ClassVar[int] = 16
+
+    cfg: ExpandConfig
+
+    def process(self, row: dict[str, Any]) -> dict[str, Any]:
+        return self.process_many([row])[0]
+
+    def process_many(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for row, res in zip(rows, expand_clips(rows, self.cfg), strict=True):
+            if res is None:
+                out.append(dict(row, **{PROMPT_SHORT: None, PROMPT_LONG: None, PROMPT_MODEL: None, PROMPT_ERROR: None}))
+            else:
+                out.append(dict(row, **{PROMPT_SHORT: res.short, PROMPT_LONG: res.long, PROMPT_MODEL: res.model,
+                                        PROMPT_ERROR: res.error}))
+        return out
