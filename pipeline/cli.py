@@ -300,6 +300,8 @@ def stats(out: str, as_json: bool) -> None:
 # "module:attribute" of click commands defined elsewhere; imported when the CLI starts, so those modules must keep
 # heavy imports (torch, transformers, ray) inside their command functions.
 _COMMANDS: list[str] = [
+    "clipmill.recaption.cli:caption",
+    "clipmill.recaption.cli:expand",
     "clipmill.storage.export_cli:select_command",
     "clipmill.storage.export_cli:export_command",
     "clipmill.storage.report_cli:report",
