@@ -33,8 +33,9 @@ Formats (DIR is the export directory):
                `shard_mb` MB; row groups are small, so readers stream a few clips at a time.
 
 Atomicity: the whole export is written into a hidden sibling `.<DIR name>.partial-<pid>/` (every file in
-it written then renamed), and renamed to DIR when complete, so DIR is either absent or complete. An
-interrupted export leaves only the hidden folder, which the next export to the same DIR removes. DIR must be
+it written then renamed), and renamed to DIR when complete, so DIR is either absent or complete. An export
+that fails or is interrupted (Ctrl-C) removes its hidden folder; one that is killed leaves it, and the next
+export to the same DIR removes it. DIR must be
 new or an empty directory. Every format writes DIR/index.json: format, source, WHERE, time, counts,
 skipped clips, the source's run.json recipe, and its files.
 
@@ -233,7 +234,7 @@ def _publish(work: Path, dest: Path) -> None:
     dst = dest.resolve()
     if dst.is_dir():
         if any(dst.iterdir()):
-            raise ExportError(f"{dest} was filled by someone else during the export; the export is left in {work}")
+            raise ExportError(f"{dest} was filled by another process during the export; choose a new -o directory")
         dst.rmdir()
     os.replace(work, dst)
     fsync_dir(dst.parent)
@@ -548,9 +549,10 @@ def export_dataset(out: str | os.PathLike, fmt: str, dest: str | os.PathLike, *,
         _publish(work, dest)
     except BaseException:
         writer.abort()
+        shutil.rmtree(work, ignore_errors=True)  # ours and incomplete; DEST was never touched
         raise
     if report.skipped_no_media:
-        log.warning("export: %d selected clip(s) have no media and were skipped", report.skipped_no_media)
+        log.info("export: %d selected clip(s) have no media and were skipped", report.skipped_no_media)
     report.seconds = time.monotonic() - t0
     log.info("%s", report.summary())
     return report

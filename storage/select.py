@@ -166,7 +166,7 @@ def select_clips(out: str | os.PathLike, where: str = DEFAULT_WHERE) -> Selectio
     The WHERE must be one boolean expression over the `clips` view (subqueries over `videos` allowed).
     Raises SelectError with a one-line message for an empty, unparsable, non-boolean or refused WHERE.
     """
-    from clipmill.storage.query import QueryError, check_read_only, connect, execute  # noqa: PLC0415
+    from clipmill.storage.query import QueryError, QueryRefused, check_read_only, connect, execute  # noqa: PLC0415
 
     path = check_dataset(out)
     where = (where or "").strip()
@@ -182,6 +182,9 @@ def select_clips(out: str | os.PathLike, where: str = DEFAULT_WHERE) -> Selectio
         if len(statements) != 1:
             raise SelectError(f"bad --where {where!r}: it must be one condition, not several statements")
         table = execute(con, sql)
+    except QueryRefused as exc:
+        what = _one_line(exc).split(". Only read statements")[0]
+        raise SelectError(f"bad --where {where!r}: it must be one read-only condition on clips ({what})") from exc
     except QueryError as exc:
         raise SelectError(f"bad --where {where!r}: {_one_line(exc)} (columns: clipmill sql OUT \"DESCRIBE clips\")"
                           ) from exc
