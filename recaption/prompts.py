@@ -44,6 +44,7 @@ def expand_request(caption: str, facts: ClipFacts | None = None) -> str:
     return "\n".join(lines)
 
 
+_SPLIT = re.compile(r"\n|(?=\b(?:short|long)(?:\s+prompt)?\s*:)", re.I)
 _LINE = re.compile(r"^\W*(short|long)(?:\s+prompt)?\W*:\s*(.*)$", re.I)
 
 
@@ -63,7 +64,7 @@ def parse_expansion(text: str) -> tuple[str, str]:
     if not (short and long):
         cur = None
         parts: dict[str, list[str]] = {"short": [], "long": []}
-        for line in re.split(r"\n|(?=\bLONG\s*:)|(?=\bSHORT\s*:)", text):
+        for line in _SPLIT.split(text):
             m = _LINE.match(line.strip())
             if m:
                 cur = m.group(1).lower()
