@@ -91,6 +91,10 @@ def select_command(out: str, where: str, dest: str, shard_mb: float, progress: b
     except OSError as exc:
         _fail(f"cannot write {dest}: {exc.strerror or exc}; free space or fix the path, then run the same "
               f"command again to resume")
+    except KeyboardInterrupt:
+        click.echo(f"\nclipmill: interrupted; the shards committed to {dest} are kept. Run the same command again "
+                   f"to resume.", err=True)
+        sys.exit(130)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=1))
     else:
@@ -132,4 +136,11 @@ def export_command(out: str, fmt: str, where: str, dest: str, text: str, shard_m
         _fail(str(exc))
     except OSError as exc:
         _fail(f"cannot write the export {dest}: {exc.strerror or exc}; free space or fix the path and run again")
+    except KeyboardInterrupt:
+        click.echo(f"\nclipmill: interrupted; nothing was written to {dest}. Run the command again.", err=True)
+        sys.exit(130)
     click.echo(json.dumps(report.to_json(), indent=1) if as_json else report.summary())
+    if report.exported == 0:
+        click.echo("note: no clip was exported (an empty selection, or no selected clip has media); DIR holds only "
+                   "its index" + (" and an empty Parquet file, which `datasets` refuses to load" if fmt == "hf"
+                                  else ""), err=True)
