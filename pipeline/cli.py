@@ -305,6 +305,8 @@ _COMMANDS: list[str] = [
     "clipmill.storage.export_cli:select_command",
     "clipmill.storage.export_cli:export_command",
     "clipmill.storage.report_cli:report",
+    "clipmill.dit.cli:train_command",
+    "clipmill.dit.cli:sample_command",
 ]
 
 
