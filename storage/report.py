@@ -304,8 +304,13 @@ def _histogram(con: duckdb.DuckDBPyConnection, column: str, thresholds: Sequence
             hi = t + 0.04 * (t - lo)
         elif lo - reach <= t < lo:
             lo = t - 0.04 * (hi - t)
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
+    if hi <= lo:  # one value only: widen to take in the thresholds, else pad around it (not below 0 for >= 0 data)
+        values = [lo] + [t for _, t in thresholds]
+        lo, hi = min(values), max(values)
+        pad = 0.1 * (hi - lo) if hi > lo else max(abs(lo) * 0.5, 0.5)
+        lo, hi = lo - pad, hi + pad
+        if vmin >= 0 > lo:
+            lo = 0.0 if vmin > 0 or hi - vmin > pad else -pad / 5
     width = (hi - lo) / bins
     rows = con.execute(
         f"SELECT least(greatest(CAST(floor((x - $lo) / $w) AS BIGINT), 0), $last) AS b, "
@@ -566,7 +571,8 @@ def _recipe_html(meta: dict[str, Any] | None, params: dict[str, Any]) -> str:
 
 def _fmt_value(v: Any) -> str:
     if isinstance(v, dict):
-        return ", ".join(f"{k}={_fmt_value(x)}" for k, x in v.items())
+        return ", ".join(f"{k}={{{_fmt_value(x)}}}" if isinstance(x, dict) else f"{k}={_fmt_value(x)}"
+                         for k, x in v.items())
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_fmt_value(x) for x in v) + "]"
     if isinstance(v, (int, float)) and not isinstance(v, bool):
