@@ -277,6 +277,14 @@ def _same_path(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
+def _has_content(p: Path) -> bool:
+    if p.name == ".lock":
+        return False
+    if p.name in ("videos", "clips", COMMITS) and p.is_dir():
+        return any(p.iterdir())
+    return True
+
+
 def _check_dest(source: Path, dest: Path, where: str) -> dict[str, Any] | None:
     """The existing subset block of DEST when it may be resumed; None when DEST is new/empty; else refuse."""
     src, dst = source.resolve(), dest.resolve()
@@ -284,8 +292,8 @@ def _check_dest(source: Path, dest: Path, where: str) -> dict[str, Any] | None:
         raise SelectError(f"the subset {dest} cannot be inside the source dataset {source}; choose another -o")
     if dest.exists() and not dest.is_dir():
         raise SelectError(f"{dest} exists and is not a directory; choose a new -o directory")
-    if not dest.is_dir() or not any(p.name != ".lock" for p in dest.iterdir()):
-        return None
+    if not dest.is_dir() or not any(_has_content(p) for p in dest.iterdir()):
+        return None  # new, empty, or only the empty folders of a writer that stopped before writing run.json
     meta = None
     try:
         meta = read_run_json(dest)
