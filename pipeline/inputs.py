@@ -4,7 +4,13 @@ An INPUT is a file, a directory (searched recursively for video files), a glob p
 (.csv, .jsonl or .parquet with a `uri` column and an optional `caption` column; relative URIs are
 resolved against the manifest's folder). A file given by name is always an input, whatever its
 extension: if it is not a video, the probe stage rejects it with a reason. The same URI given twice is
-one input. Remote URLs (s3://, gs://, ...) are not read by this version and are refused with a message.
+one input.
+
+Remote URLs (`s3://bucket/key.mp4`, `gs://...`, any fsspec protocol) work the same way through fsspec: an object,
+a prefix (`s3://bucket/raw/`, listed recursively for video files), a glob (`s3://bucket/raw/*.mp4`) or a manifest
+stored remotely (its relative URIs resolve against the manifest's prefix). Credentials and options come from the
+environment (see storage/remote.py). A missing object is not an error here: the probe stage ledgers it
+`not_found`. Remote URIs are kept as canonical URLs (`s3://bucket/raw/a.mp4`).
 
 A URI is a plain absolute path, except for a path whose bytes are not UTF-8 (ledgers store text): that one
 becomes a `file://` URL with those bytes percent-encoded (`file:///v/caf%E9.mp4`). `file://` URLs given as
@@ -17,12 +23,17 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import logging
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, unquote
+
+from clipmill.storage import remote
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +77,31 @@ def _norm(uri: str, base: Path | None = None) -> str:
     if uri.startswith("file://"):
         uri = _file_url_path(uri)
     if "://" in uri:
-        raise InputError(
-            f"{uri}: remote URLs are not supported by this version of clipmill; copy the files locally "
-            f"or mount the bucket"
-        )
+        return _remote_url(uri)
     p = Path(uri).expanduser()
     if base is not None and not p.is_absolute():
         p = base / p
     return os.path.abspath(p)
 
 
-def _from_manifest(path: Path) -> list[InputItem]:
-    suffix = path.suffix.lower()
+def _remote_url(uri: str) -> str:
+    """The canonical form of a remote URL; InputError when its scheme is unknown or needs a missing package."""
+    try:
+        return remote.normalize(uri)
+    except ValueError as exc:
+        raise InputError(f"{uri}: {exc}") from None
+
+
+def _read_manifest_rows(path: Path | str, opener: Any) -> list[dict]:
+    suffix = Path(str(path)).suffix.lower()
     rows: list[dict]
     try:
         if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM (Excel) is not data
-                rows = list(csv.DictReader(f))
+            with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
+                rows = list(csv.DictReader(f))  # -sig: a BOM (Excel) is not data
         elif suffix == ".jsonl":
             rows = []
-            with open(path, encoding="utf-8-sig") as f:
+            with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig") as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         try:
@@ -95,9 +111,16 @@ def _from_manifest(path: Path) -> list[InputItem]:
         else:
             import pyarrow.parquet as pq  # noqa: PLC0415
 
-            rows = pq.read_table(path).to_pylist()
+            with opener(path, "rb") as f:
+                rows = pq.read_table(f).to_pylist()
     except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
         raise InputError(f"cannot read manifest {path}: {exc}") from exc
+    return rows
+
+
+def _from_manifest(path: Path | str, fs: Any = None) -> list[InputItem]:
+    """Items of a manifest: a local file, or (given its fsspec filesystem `fs`) a remote object."""
+    rows = _read_manifest_rows(path, open if fs is None else fs.open)
     if rows and not any(isinstance(r, dict) and "uri" in r for r in rows):
         columns = sorted({str(k) for r in rows if isinstance(r, dict) for k in r})
         raise InputError(f"manifest {path} has no 'uri' column (columns: {columns}); each row needs a \"uri\"")
@@ -108,7 +131,10 @@ def _from_manifest(path: Path) -> list[InputItem]:
             log.warning("%s row %d: no uri; row skipped", path, n)
             continue
         cap = r.get("caption")
-        items.append(InputItem(_norm(uri, path.parent), str(cap) if cap not in (None, "") else None))
+        if fs is not None and "://" not in uri and not os.path.isabs(uri):  # relative to the manifest's prefix
+            uri = fs.unstrip_protocol(posixpath.normpath(posixpath.join(posixpath.dirname(str(path)), uri)))
+        base = None if fs is not None else Path(path).parent
+        items.append(InputItem(_norm(uri, base), str(cap) if cap not in (None, "") else None))
     return items
 
 
@@ -124,10 +150,45 @@ def _from_dir(path: Path) -> list[InputItem]:
     return found
 
 
+def _from_remote(spec: str) -> list[InputItem]:
+    """Items named by a remote spec: an object, a prefix (listed recursively), a glob, or a manifest."""
+    try:
+        fs, path = remote.filesystem(spec)
+    except ValueError as exc:
+        raise InputError(f"{spec}: {exc}") from None
+    suffix = posixpath.splitext(path)[1].lower()
+    try:
+        if glob.has_magic(path):
+            found = fs.glob(path, detail=True)
+            items = [InputItem(fs.unstrip_protocol(p)) for p, info in sorted(found.items())
+                     if info.get("type") == "file" and not posixpath.basename(p).startswith(".")]
+            if not items:
+                log.warning("%s matched no object", spec)
+            return items
+        if suffix in MANIFEST_EXTENSIONS and fs.isfile(path):
+            return _from_manifest(path, fs)
+        if fs.isdir(path):
+            found = fs.find(path, detail=True)
+            items = [InputItem(fs.unstrip_protocol(p)) for p, info in sorted(found.items())
+                     if info.get("type") == "file" and posixpath.splitext(p)[1].lower() in VIDEO_EXTENSIONS
+                     and not posixpath.basename(p).startswith(".")]
+            if not items:
+                log.warning("%s: no video objects found (extensions: %s)", spec, " ".join(sorted(VIDEO_EXTENSIONS)))
+            return items
+    except Exception as exc:  # noqa: BLE001 - OSError, botocore's NoCredentialsError, ...: one line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot list {spec}: {type(exc).__name__}: {first[:200]}; check the URL, credentials "
+                         f"(AWS_* / {remote.STORAGE_OPTIONS_ENV}) and network") from None
+    return [InputItem(fs.unstrip_protocol(path))]  # an object (a missing one is ledgered not_found)
+
+
 def expand_inputs(specs: list[str]) -> list[InputItem]:
     """All input items named by `specs`, de-duplicated by URI, in the order given."""
     items: list[InputItem] = []
     for spec in specs:
+        if remote.is_remote(spec):
+            items += _from_remote(spec)
+            continue
         if "://" in spec and not spec.startswith("file://"):
             _norm(spec)  # raises InputError with the message
         local = _file_url_path(spec) if spec.startswith("file://") else spec

@@ -11,6 +11,13 @@ writer of OUT. This is the only module of clipmill that imports Ray.
 
 Resume: inputs whose URI is already in a commit record are skipped; a video whose content id is already
 committed under another URI is ledgered `rejected` (duplicate_content) so no clip_id is written twice.
+
+Remote OUT (`s3://...`, any fsspec URL): the run writes a local staging copy with the same atomic machinery and
+publishes every commit to the remote, data files first and the commit record last (storage/remote.py).
+
+Metrics: every stage call is metered inside the worker (rows in/out, busy seconds, source seconds, node); the
+driver aggregates them into `runs[-1].metrics` of run.json: per-stage totals and throughput, and queue depths over
+time (videos inside Ray, videos awaiting commit, and per stage the rows waiting for it and running in it).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -32,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 import clipmill
@@ -41,7 +50,7 @@ from clipmill.pipeline.plan import INPUT_SCHEMA
 from clipmill.pipeline.recipe import Recipe
 from clipmill.pipeline.registry import stage_class
 from clipmill.pipeline.worker import StageCall, drop_transient, fault_for
-from clipmill.storage import ids
+from clipmill.storage import ids, remote
 from clipmill.storage.schema import (
     CLIPS_SCHEMA,
     SCHEMA_VERSION,
@@ -51,7 +60,9 @@ from clipmill.storage.schema import (
 )
 from clipmill.storage.shards import (
     RUN_JSON,
+    CommitRecord,
     ShardWriter,
+    check_compatible,
     committed_keys,
     iter_commit_counts,
     read_commits,
@@ -169,9 +180,10 @@ def init_ray(address: str | None, recipe: Recipe) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_reachable(address)
+        _enable_token_auth()
         try:
             ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - ConnectionError, AuthenticationError, ...: one line for the user
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RunError(
                 f"cannot join the Ray cluster at {address}: {first}. Check the address (ray status on the head "
@@ -186,6 +198,22 @@ def init_ray(address: str | None, recipe: Recipe) -> bool:
         ray.init(address="local", num_cpus=rt.num_cpus or os.cpu_count(), object_store_memory=store,
                  include_dashboard=False, **kwargs)
     return True
+
+
+def _ray_token_available() -> bool:
+    """True when this shell has a Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    return os.path.isfile(path)
+
+
+def _enable_token_auth() -> None:
+    """Join clusters that use token authentication (what `ray start --head` sets up since Ray 2.59): when
+    RAY_AUTH_MODE is unset and a token is available, use it. A token-mode driver also joins clusters that run
+    without authentication (checked with Ray 2.60); RAY_AUTH_MODE set by the user is left as it is."""
+    if not os.environ.get("RAY_AUTH_MODE") and _ray_token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -211,7 +239,7 @@ def build_plan(items: list[InputItem], recipe: Recipe) -> Any:
     ctx = ray.data.DataContext.get_current()
     if not log.isEnabledFor(logging.INFO):  # Ray Data's plan/progress chatter only with -v
         logging.getLogger("ray.data").setLevel(logging.ERROR)
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = ray_progress_bars()
     ctx.max_errored_blocks = -1  # a block lost after retries is ledgered `failed` by the driver, not fatal
     # One block per video, typed with INPUT_SCHEMA (so an all-NULL column is still a string column).
     blocks = [pa.Table.from_pylist([{"uri": it.uri, "source_caption": it.source_caption, "error": None}],
@@ -220,13 +248,15 @@ def build_plan(items: list[InputItem], recipe: Recipe) -> Any:
     # Retries cover crashed workers (OOM, SIGKILL); exceptions are already per-row data. Ray Data's own
     # default is to retry forever, which would hang a run on an input that always kills its worker.
     # (Passed as plain remote args: deprecated in Ray 2.60 with no named replacement yet; ray is pinned <2.64.)
-    remote_args = {"max_retries": recipe.runtime.max_task_retries, "retry_exceptions": False}
+    remote_args: dict[str, Any] = {"max_retries": recipe.runtime.max_task_retries, "retry_exceptions": False}
+    env = remote.forwarded_env() if any(remote.is_remote(it.uri) for it in items) else {}
+    extra: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}  # workers on other nodes need them
     for spec in recipe.stages:
         cls = stage_class(spec.name)
         if cls.level == "global":
             continue  # runs after the last commit (run_global_stages)
-        call = StageCall(spec.name, spec.config.model_dump_json(), fault_for(spec.name),
-                         recipe.runtime.video_timeout_s)
+        call = Metered(StageCall(spec.name, spec.config.model_dump_json(), fault_for(spec.name),
+                                 recipe.runtime.video_timeout_s))
         # A model stage's config may ask for GPUs and actor counts (e.g. aesthetics: num_gpus: 1). On GPUs a
         # model stage gets an actor pool; on CPU it runs inside the fused per-video task, and its model is
         # loaded once per worker process (StageCall's per-process cache), so CPU actors cannot starve tasks.
@@ -236,26 +266,206 @@ def build_plan(items: list[InputItem], recipe: Recipe) -> Any:
             ds = ds.map_batches(
                 _ActorStage, fn_constructor_args=(call,),
                 batch_size=getattr(spec.config, "batch_size", None) or cls.batch_size, batch_format="pyarrow",
-                num_cpus=cls.num_cpus, num_gpus=num_gpus or None, concurrency=(1, actors),
+                num_cpus=cls.num_cpus, num_gpus=num_gpus or None, concurrency=(1, actors), **extra,
             )
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 ds = ds.map_batches(call, batch_size=None, batch_format="pyarrow", num_cpus=cls.num_cpus,
-                                    **remote_args)
+                                    **remote_args, **extra)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return ds.map_batches(drop_transient, batch_size=None, batch_format="pyarrow", **remote_args)
+        return ds.map_batches(drop_transient, batch_size=None, batch_format="pyarrow", **remote_args, **extra)
+
+
+RAY_PROGRESS_ENV = "CLIPMILL_RAY_PROGRESS"
+
+
+def ray_progress_bars() -> bool:
+    """Whether Ray Data shows its per-operator progress bars: CLIPMILL_RAY_PROGRESS=1/0 decides; by default
+    they show with -v when stderr is a terminal (clipmill's own bar is the default view)."""
+    flag = os.environ.get(RAY_PROGRESS_ENV)
+    if flag is not None:
+        return flag.strip().lower() not in ("", "0", "false", "no", "off")
+    return log.isEnabledFor(logging.INFO) and sys.stderr.isatty()
+
+
+METRICS_COLUMN = "_metrics"  # JSON list of per-call meter entries, on the first row of each output batch
+_NODE_ID: list[str] = []
+
+
+def _node_id() -> str:
+    if not _NODE_ID:
+        try:
+            import ray  # noqa: PLC0415
+
+            _NODE_ID.append(ray.get_runtime_context().get_node_id()[:12])
+        except Exception:  # noqa: BLE001 - outside Ray (a test calling the stage directly)
+            _NODE_ID.append(socket.gethostname())
+    return _NODE_ID[0]
+
+
+def _source_seconds(t: pa.Table) -> float:
+    """Seconds of source video that the rows of `t` stand for: a clip row its span, a video row its duration."""
+    cols = [c for c in ("clip_index", "start_s", "end_s", "duration_s") if c in t.column_names]
+    total = 0.0
+    for r in t.select(cols).to_pylist():
+        ci, a, b = r.get("clip_index"), r.get("start_s"), r.get("end_s")
+        if ci is not None and ci >= 0 and a is not None and b is not None:
+            total += float(b) - float(a)
+        elif r.get("duration_s"):
+            total += float(r["duration_s"])
+    return total
+
+
+@dataclass(frozen=True)
+class Metered:
+    """A stage call that meters itself: rows in/out, busy seconds, source seconds and node of every batch.
+
+    The entries of earlier stages travel with the batch (column `_metrics`, on its first row), so they reach
+    the driver with the rows; a batch that comes out empty loses them (its rows are gone anyway).
+    """
+
+    call: Callable[[pa.Table], pa.Table]
+
+    @property
+    def name(self) -> str:
+        return getattr(self.call, "name", "stage")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prior: list[dict[str, Any]] = []
+        if METRICS_COLUMN in batch.column_names:
+            for text in batch[METRICS_COLUMN].to_pylist():
+                if text:
+                    prior.extend(json.loads(text))
+            batch = batch.drop_columns([METRICS_COLUMN])
+        t0 = time.perf_counter()
+        out = self.call(batch)
+        busy = time.perf_counter() - t0
+        entry = {"stage": self.name, "rows_in": batch.num_rows, "rows_out": out.num_rows, "busy_s": busy,
+                 "video_s": _source_seconds(out), "node": _node_id(), "t": time.time()}
+        if METRICS_COLUMN in out.column_names:
+            out = out.drop_columns([METRICS_COLUMN])
+        col = [json.dumps(prior + [entry])] + [None] * (out.num_rows - 1) if out.num_rows else []
+        return out.append_column(METRICS_COLUMN, pa.array(col, pa.string()))
 
 
 class _ActorStage:
     """Actor wrapper for model stages: the stage (and its model) is built once per actor."""
 
-    def __init__(self, call: StageCall) -> None:
+    def __init__(self, call: Metered) -> None:
         self.call = call
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.call(batch)
+
+
+@dataclass
+class _StageMeter:
+    rows_in: int = 0
+    rows_out: int = 0
+    busy_s: float = 0.0
+    video_s: float = 0.0
+    batches: int = 0
+    nodes: Counter = field(default_factory=Counter)
+
+
+class RunMetrics:
+    """Per-stage throughput and queue depths of one run, from the meter entries the workers send back.
+
+    Queue depths are counted in 1 s bins from the entries' times (worker clocks): for stage k, rows *waiting*
+    = rows that left stage k-1 (all inputs, for the first stage) minus rows that entered stage k; rows
+    *running* = entered minus left. The driver adds videos *in Ray* (given to Ray Data, not back yet) and
+    videos *awaiting commit* (back, not yet in a committed shard). Series are downsampled (peak per window) to
+    at most `MAX_POINTS` points; means are over all bins.
+    """
+
+    MAX_POINTS = 120
+
+    def __init__(self, stages: list[str], total: int) -> None:
+        self.t0 = time.time()
+        self.total = total
+        self.order = list(stages)
+        self.stages = {name: _StageMeter() for name in stages}
+        self._ev: dict[str, dict[str, Counter]] = {
+            name: {"started": Counter(), "ended_in": Counter(), "ended_out": Counter()} for name in stages}
+        self._received: Counter = Counter()
+        self._committed: Counter = Counter()
+
+    def _bin(self, t: float) -> int:
+        return max(0, int(t - self.t0))
+
+    def add_entries(self, entries: list[dict[str, Any]]) -> None:
+        for e in entries:
+            name = e.get("stage")
+            if name not in self.stages:
+                continue
+            m = self.stages[name]
+            m.rows_in += int(e["rows_in"])
+            m.rows_out += int(e["rows_out"])
+            m.busy_s += float(e["busy_s"])
+            m.video_s += float(e["video_s"])
+            m.batches += 1
+            m.nodes[str(e["node"])] += int(e["rows_in"])
+            ev = self._ev[name]
+            ev["started"][self._bin(float(e["t"]) - float(e["busy_s"]))] += int(e["rows_in"])
+            ev["ended_in"][self._bin(float(e["t"]))] += int(e["rows_in"])
+            ev["ended_out"][self._bin(float(e["t"]))] += int(e["rows_out"])
+
+    def received(self, n: int = 1) -> None:
+        self._received[self._bin(time.time())] += n
+
+    def committed(self, n: int) -> None:
+        self._committed[self._bin(time.time())] += n
+
+    def _cum(self, c: Counter, n: int) -> np.ndarray:
+        arr = np.zeros(n, dtype=np.float64)
+        for k, v in c.items():
+            arr[min(k, n - 1)] += v
+        return np.cumsum(arr)
+
+    def _series(self, x: np.ndarray, step: int) -> list[float]:
+        return [float(x[i:i + step].max()) for i in range(0, len(x), step)]
+
+    def to_json(self, elapsed_s: float) -> dict[str, Any]:
+        n = max(1, int(time.time() - self.t0) + 1)
+        step = max(1, -(-n // self.MAX_POINTS))
+        received = self._cum(self._received, n)
+        in_ray = self.total - received
+        awaiting = received - self._cum(self._committed, n)
+        queue: dict[str, Any] = {"bin_s": 1, "step_s": step, "t_s": list(range(0, n, step)),
+                                 "videos_in_ray": self._series(in_ray, step),
+                                 "videos_awaiting_commit": self._series(awaiting, step),
+                                 "stage_waiting_rows": {}, "stage_running_rows": {}}
+        stages: dict[str, Any] = {}
+        arrived = np.full(n, float(self.total))
+        for name in self.order:
+            m, ev = self.stages[name], self._ev[name]
+            started = self._cum(ev["started"], n)
+            waiting = np.maximum(arrived - started, 0)
+            running = np.maximum(started - self._cum(ev["ended_in"], n), 0)
+            arrived = self._cum(ev["ended_out"], n)
+            queue["stage_waiting_rows"][name] = self._series(waiting, step)
+            queue["stage_running_rows"][name] = self._series(running, step)
+            stages[name] = {
+                "rows_in": m.rows_in, "rows_out": m.rows_out, "batches": m.batches, "busy_s": round(m.busy_s, 3),
+                "rows_per_busy_s": round(m.rows_in / m.busy_s, 3) if m.busy_s else None,
+                "video_s": round(m.video_s, 3),
+                "video_s_per_busy_s": round(m.video_s / m.busy_s, 3) if m.busy_s else None,
+                "video_s_per_wall_s": round(m.video_s / elapsed_s, 3) if elapsed_s > 0 else None,
+                "waiting_rows_max": float(waiting.max()), "waiting_rows_mean": round(float(waiting.mean()), 3),
+                "running_rows_max": float(running.max()), "running_rows_mean": round(float(running.mean()), 3),
+                "nodes": dict(m.nodes),
+            }
+        nodes: Counter = Counter()
+        for m in self.stages.values():
+            nodes.update(m.nodes)
+        return {
+            "stages": stages, "queue": queue, "nodes": dict(nodes),
+            "videos_in_ray_max": float(in_ray.max()), "videos_in_ray_mean": round(float(in_ray.mean()), 3),
+            "videos_awaiting_commit_max": float(awaiting.max()),
+            "videos_awaiting_commit_mean": round(float(awaiting.mean()), 3),
+        }
 
 
 @dataclass
@@ -274,6 +484,24 @@ def _lost_video(uri: str, why: str) -> VideoResult:
                         "n_kept": 0, "committed_at": dt.datetime.now(dt.timezone.utc)}, [])
 
 
+@dataclass
+class _Target:
+    """Where a run writes: the local dataset folder (OUT itself, or the staging copy of a remote OUT), the remote
+    it publishes to, and the run's metrics."""
+
+    local: Path
+    remote: remote.RemoteDataset | None = None
+    metrics: RunMetrics | None = None
+
+    def published(self, record: CommitRecord) -> None:
+        if self.remote is not None:
+            self.remote.publish_commit(self.local, record.shard)
+
+    def run_json_written(self, strict: bool = False) -> None:
+        if self.remote is not None:
+            self.remote.push_run_json(self.local, strict=strict)
+
+
 def run(
     items: list[InputItem],
     out: str | os.PathLike,
@@ -286,29 +514,47 @@ def run(
 ) -> RunStats:
     """Run `recipe` over `items` into dataset OUT, resuming what is already committed there.
 
+    OUT is a local folder or a remote fsspec URL (`s3://bucket/ds`); a remote OUT is written through a local
+    staging copy under the cache folder (storage/remote.py) and every commit is published as it happens.
     Raises DatasetError (from storage) when OUT cannot be used; bad inputs never raise.
     """
-    out = Path(out)
+    target = _Target(Path(out))
+    if remote.is_remote(os.fspath(out)):
+        target.remote = remote.RemoteDataset(os.fspath(out))
+        target.local = target.remote.local_dir("staging")
+    local = target.local
     stats = RunStats()
-    with ShardWriter(out) as writer:
-        done_uris, done_vids = committed_keys(out)
+    with ShardWriter(local) as writer:
+        if target.remote is not None:
+            target.remote.pull(local, data=False)  # the remote is the truth: records and run.json
+            check_compatible(local)
+            writer.recover()
+            target.remote.push(local, prune=True)  # removes data files an interrupted publish left unnamed
+        done_uris, done_vids = committed_keys(local)
         todo = [it for it in items if it.uri not in done_uris]
         stats.skipped = len(items) - len(todo)
         if limit is not None:
             todo = todo[: max(0, limit)]
         stats.total = len(todo)
-        meta = _start_run_json(out, recipe, argv, len(items), stats.skipped)
+        meta = _start_run_json(target, recipe, argv, len(items), stats.skipped)
         if todo:
-            _stream_with_ray(todo, recipe, writer, out, meta, stats, done_vids, on_progress, address)
+            _stream_with_ray(todo, recipe, writer, target, meta, stats, done_vids, on_progress, address)
         stats.elapsed_s = time.monotonic() - stats.started
-        _finish_run_json(out, meta, stats)
-    run_global_stages(out, recipe)
+        _finish_run_json(target, meta, stats)
+    if target.remote is not None and any(stage_class(s.name).level == "global" for s in recipe.stages):
+        with ShardWriter(local):
+            target.remote.fetch_data(local)  # whole-dataset steps read every shard
+    run_global_stages(local, recipe)
+    if target.remote is not None:
+        with ShardWriter(local):
+            target.remote.push(local, prune=True)
+            target.run_json_written()
     return stats
 
 
-def _stream_with_ray(todo: list[InputItem], recipe: Recipe, writer: ShardWriter, out: Path, meta: dict[str, Any],
-                     stats: RunStats, done_vids: set[str], on_progress: Callable[[RunStats], None] | None,
-                     address: str | None) -> None:
+def _stream_with_ray(todo: list[InputItem], recipe: Recipe, writer: ShardWriter, target: _Target,
+                     meta: dict[str, Any], stats: RunStats, done_vids: set[str],
+                     on_progress: Callable[[RunStats], None] | None, address: str | None) -> None:
     # ray.init and ray.shutdown install (or reset) SIGINT/SIGTERM handlers of their own; keep the caller's,
     # so that a signal at any time stops the run the same way.
     main = threading.current_thread() is threading.main_thread()
@@ -318,7 +564,7 @@ def _stream_with_ray(todo: list[InputItem], recipe: Recipe, writer: ShardWriter,
     import ray  # noqa: PLC0415
 
     try:
-        _stream(todo, recipe, writer, out, meta, stats, done_vids, on_progress)
+        _stream(todo, recipe, writer, target, meta, stats, done_vids, on_progress)
     except ray.exceptions.RayError as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise RunError(
@@ -356,9 +602,11 @@ def run_global_stages(out: Path, recipe: Recipe) -> dict[str, Any]:
     return reports
 
 
-def _stream(todo: list[InputItem], recipe: Recipe, writer: ShardWriter, out: Path, meta: dict[str, Any],
+def _stream(todo: list[InputItem], recipe: Recipe, writer: ShardWriter, target: _Target, meta: dict[str, Any],
             stats: RunStats, done_vids: set[str], on_progress: Callable[[RunStats], None] | None) -> None:
     ds = build_plan(todo, recipe)
+    metrics = target.metrics = RunMetrics(
+        [s.name for s in recipe.stages if stage_class(s.name).level != "global"], len(todo))
     asm = Assembler(media=recipe.write.media, thumbnails=recipe.write.thumbnails)
     pending = _Pending()
     seen_vids: dict[str, str] = {}
@@ -371,20 +619,23 @@ def _stream(todo: list[InputItem], recipe: Recipe, writer: ShardWriter, out: Pat
         videos = [r.video for r in pending.results]
         clips = [c for r in pending.results for c in r.clips]
         with stop.deferred():  # a signal during a commit waits until the commit is complete
-            writer.commit(pa.Table.from_pylist(videos, schema=VIDEOS_SCHEMA),
-                          pa.Table.from_pylist(clips, schema=CLIPS_SCHEMA))
+            record = writer.commit(pa.Table.from_pylist(videos, schema=VIDEOS_SCHEMA),
+                                   pa.Table.from_pylist(clips, schema=CLIPS_SCHEMA))
+            target.published(record)  # remote OUT: data files, then the record
         stats.shards += 1
+        metrics.committed(len(pending.results))
         for r in pending.results:
             stats.add(r)
         pending.results.clear()
         pending.media_bytes = 0
         pending.since = time.monotonic()
         stats.elapsed_s = time.monotonic() - stats.started
-        _update_run_json(out, meta, stats)
+        _update_run_json(target, meta, stats)
 
     def accept(res: VideoResult) -> None:
         vid, uri = res.video["video_id"], res.video["uri"]
         seen_uris.add(uri)
+        metrics.received()
         other = seen_vids.get(vid) or (vid if vid in done_vids else None)
         if other is not None:
             res.video.update(status=STATUS_REJECTED, reason=f"duplicate_content: same bytes as {other}",
@@ -402,7 +653,11 @@ def _stream(todo: list[InputItem], recipe: Recipe, writer: ShardWriter, out: Pat
     with stop.installed():  # from the first batch to the last commit, a signal stops the run cleanly
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
-                for res in asm.add(batch.to_pylist()):
+                rows = batch.to_pylist()
+                for r in rows:
+                    if r.get(METRICS_COLUMN):
+                        metrics.add_entries(json.loads(r[METRICS_COLUMN]))
+                for res in asm.add(rows):
                     accept(res)
                 if on_progress:
                     on_progress(_live_view(stats, pending))
@@ -418,7 +673,7 @@ def _stream(todo: list[InputItem], recipe: Recipe, writer: ShardWriter, out: Pat
             stop.signum = None
             flush()  # videos that finished before the signal are committed; the rest are re-run on resume
             stats.elapsed_s = time.monotonic() - stats.started
-            _update_run_json(out, meta, stats)
+            _update_run_json(target, meta, stats)
             raise
     if on_progress:
         on_progress(stats)
@@ -445,31 +700,58 @@ def _versions() -> dict[str, str]:
             "pyarrow": pa.__version__, "av": av.__version__, "duckdb": duckdb.__version__}
 
 
-def _start_run_json(out: Path, recipe: Recipe, argv: list[str] | None, n_inputs: int, skipped: int) -> dict:
+_SECRET_OPTIONS = ("--storage-options",)
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """argv with the values of options that may hold credentials (--storage-options) replaced by '<redacted>'."""
+    out: list[str] = []
+    hide = False
+    for a in argv:
+        if hide:
+            out.append("<redacted>")
+            hide = False
+        elif a in _SECRET_OPTIONS:
+            out.append(a)
+            hide = True
+        elif a.startswith(tuple(f"{o}=" for o in _SECRET_OPTIONS)):
+            out.append(a.split("=", 1)[0] + "=<redacted>")
+        else:
+            out.append(a)
+    return out
+
+
+def _start_run_json(target: _Target, recipe: Recipe, argv: list[str] | None, n_inputs: int, skipped: int) -> dict:
+    out = target.local
     meta = read_run_json(out) or {"schema_version": SCHEMA_VERSION, "created_at": _now(), "runs": []}
     meta["schema_version"] = SCHEMA_VERSION
     meta["recipe"] = recipe.to_json()
     meta["versions"] = _versions()
-    meta["runs"].append({"started_at": _now(), "argv": argv or [], "inputs": n_inputs,
+    meta["runs"].append({"started_at": _now(), "argv": redact_argv(argv or []), "inputs": n_inputs,
                          "skipped_already_committed": skipped, "finished_at": None})
-    _update_run_json(out, meta, None)
+    _update_run_json(target, meta, None, strict=True)
     return meta
 
 
-def _update_run_json(out: Path, meta: dict[str, Any], stats: RunStats | None) -> None:
+def _update_run_json(target: _Target, meta: dict[str, Any], stats: RunStats | None, *, strict: bool = False) -> None:
+    out = target.local
     meta["updated_at"] = _now()
     meta["counts"] = iter_commit_counts(read_commits(out))
     if stats is not None:
         meta["runs"][-1]["progress"] = stats.to_json()
+        if target.metrics is not None:
+            meta["runs"][-1]["metrics"] = target.metrics.to_json(stats.elapsed_s)
     try:
         write_json_atomic(out / RUN_JSON, meta)
     except OSError as exc:  # run.json is a summary; the commit records are the truth
         log.warning("could not update %s: %s", out / RUN_JSON, exc)
+        return
+    target.run_json_written(strict=strict)  # strict at the start: an unwritable remote fails before any work
 
 
-def _finish_run_json(out: Path, meta: dict[str, Any], stats: RunStats) -> None:
+def _finish_run_json(target: _Target, meta: dict[str, Any], stats: RunStats) -> None:
     meta["runs"][-1]["finished_at"] = _now()
-    _update_run_json(out, meta, stats)
+    _update_run_json(target, meta, stats)
 
 
 def _now() -> str:

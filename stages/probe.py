@@ -1,6 +1,7 @@
 """Probe stage: read each input video's container and stream metadata and prove that it decodes.
 
-One row per input video (level "video"). Reads `uri` (a local path or a `file://` URL) and adds
+One row per input video (level "video"). Reads `uri` (a local path, a `file://` URL, or a remote fsspec URL such
+as `s3://bucket/key.mp4`, read through a block cache without downloading it whole) and adds
 `video_id`, `size_bytes`, `container`, `codec`, `pix_fmt`, `duration_s`, `fps`, `width`, `height`,
 `rotation`, `n_frames`, `has_audio`, `status` and `reason`.
 
@@ -28,7 +29,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from clipmill.stages.base import RowStage, StageConfig
-from clipmill.storage.ids import video_id_from_path
+from clipmill.storage import remote
+from clipmill.storage.ids import video_id_from_file, video_id_from_path
 from clipmill.storage.schema import STATUS_DONE, STATUS_REJECTED, VIDEO_FIELDS
 
 log = logging.getLogger(__name__)
@@ -100,8 +102,9 @@ class Probe(RowStage):
 
     Decodes only the first video frame of each file (to prove it decodes and to read its rotation).
     `n_frames` is the stream's own frame count when the container stores one, else
-    round(duration * fps); the split stage replaces it with the exact decoded count. It does not
-    read remote URLs (only local paths and `file://`), and does not check audio beyond its presence.
+    round(duration * fps); the split stage replaces it with the exact decoded count. Remote URLs are read
+    through fsspec (same content id as the same bytes on a local disk). It does not check audio beyond its
+    presence.
     """
 
     name: ClassVar[str] = "probe"
@@ -120,7 +123,8 @@ class Probe(RowStage):
 
 
 def probe_file(uri: str, cfg: ProbeConfig | None = None) -> dict[str, Any]:
-    """Probe one local video; return the probe columns (status "done" or "rejected" with a reason)."""
+    """Probe one video (local path, `file://` or remote URL); return the probe columns (status "done" or
+    "rejected" with a reason)."""
     cfg = cfg or ProbeConfig()
     res: dict[str, Any] = {k: None for k in _ADDED}
     res["status"] = STATUS_REJECTED
@@ -129,6 +133,8 @@ def probe_file(uri: str, cfg: ProbeConfig | None = None) -> dict[str, Any]:
         res["reason"] = reason
         return res
 
+    if remote.is_remote(uri):
+        return _probe_remote(uri, cfg, res, reject)
     try:
         path = local_path(uri)
     except ValueError as exc:
@@ -164,6 +170,46 @@ def probe_file(uri: str, cfg: ProbeConfig | None = None) -> dict[str, Any]:
         return reject(f"unreadable: {_short(exc)}")
     finally:
         container.close()
+
+
+def _probe_remote(uri: str, cfg: ProbeConfig, res: dict[str, Any], reject) -> dict[str, Any]:
+    """probe_file for a remote URL: the object is opened through fsspec and PyAV reads the file object."""
+    try:
+        f = remote.open_input(uri)
+    except FileNotFoundError:
+        res["video_id"] = _uri_id(uri)
+        return reject("not_found")
+    except IsADirectoryError:
+        res["video_id"] = _uri_id(uri)
+        return reject("not_a_file")
+    except ValueError as exc:
+        res["video_id"] = _uri_id(uri)
+        return reject(f"unsupported_uri: {exc}")
+    except Exception as exc:  # noqa: BLE001 - permissions, network, missing credentials (botocore errors)
+        res["video_id"] = _uri_id(uri)
+        return reject(f"unreadable: {type(exc).__name__}: {_short(exc)}")
+    with f:
+        try:
+            size = remote.size_of(f)
+            res["size_bytes"] = size
+            if size == 0:
+                res["video_id"] = _uri_id(uri)
+                return reject("empty_file")
+            res["video_id"] = video_id_from_file(f, size, full=cfg.full_hash)
+            f.seek(0)
+        except Exception as exc:  # noqa: BLE001 - a network or credentials error while reading
+            res["video_id"] = _uri_id(uri)
+            return reject(f"unreadable: {type(exc).__name__}: {_short(exc)}")
+        try:
+            container = av.open(f, mode="r", metadata_errors="ignore")
+        except _FFMPEG_ERRORS as exc:
+            return reject(f"unreadable: {_short(exc)}")
+        try:
+            return _probe_container(container, urlparse(uri).path, size, cfg, res, reject)
+        except _FFMPEG_ERRORS as exc:
+            return reject(f"unreadable: {_short(exc)}")
+        finally:
+            container.close()
 
 
 def _probe_container(container, path: str, size: int, cfg: ProbeConfig, res: dict[str, Any], reject) -> dict:

@@ -21,6 +21,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from clipmill.stages.base import RowStage, StageConfig
+from clipmill.storage import remote
 from clipmill.storage.ids import clip_id
 from clipmill.storage.schema import SPAN
 
@@ -148,7 +149,12 @@ class Split(RowStage):
     def process(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         from clipmill.stages.shots import detect_shots  # noqa: PLC0415 - heavy import, once per worker
 
-        shots = detect_shots(_local_path(row["uri"]), self.cfg.detector)
+        uri = row["uri"]
+        if remote.is_remote(uri):  # read through fsspec's block cache; PyAV takes the file object
+            with remote.opened(uri) as f:
+                shots = detect_shots(f, self.cfg.detector)
+        else:
+            shots = detect_shots(_local_path(uri), self.cfg.detector)
         n, fps = int(shots.n_frames), float(shots.fps)
         if n <= 0 or not fps > 0:
             raise ValueError(f"no decodable video frames (n_frames={n}, fps={fps})")

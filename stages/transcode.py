@@ -20,6 +20,7 @@ so `media_sha256` identifies the stored bytes, not the clip (use `clip_id` for t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -27,7 +28,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, ClassVar, Literal
+from typing import Any, BinaryIO, ClassVar, Literal
 from urllib.parse import unquote, urlparse
 
 import av
@@ -36,6 +37,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from clipmill.stages.base import RowStage, StageConfig
+from clipmill.storage import remote
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ class _SeekFailed(Exception):
 
 
 def cut_clip(
-    path: str,
+    path: str | BinaryIO,
     start_frame: int,
     end_frame: int,
     start_pts: int | None,
@@ -105,7 +107,8 @@ def cut_clip(
     *,
     threads: int = 0,
 ) -> ClipMedia:
-    """Cut source frames `start_frame <= i < end_frame` of `path` into H.264 MP4 bytes.
+    """Cut source frames `start_frame <= i < end_frame` of `path` (a path or a seekable binary file object)
+    into H.264 MP4 bytes.
 
     Uses the PTS (`start_pts`, `end_pts` in units of `time_base`) to seek when they are given and
     trustworthy, else decodes from the start and counts frames. Raises ValueError for a bad span and
@@ -136,6 +139,8 @@ def cut_clip(
 
 
 def _cut(path, start_frame, end_frame, start_pts, end_pts, tb, fps, max_side, crf, preset, threads) -> ClipMedia:
+    if hasattr(path, "seek"):  # a file object: every attempt reads from its start
+        path.seek(0)
     with av.open(path, mode="r", metadata_errors="ignore") as src:
         if not src.streams.video:
             raise ValueError(f"{path} has no video stream")
@@ -352,9 +357,13 @@ class Transcode(RowStage):
 
     def process(self, row: dict[str, Any]) -> dict[str, Any]:
         cfg: TranscodeConfig = self.cfg  # type: ignore[assignment]
-        media = cut_clip(_local_path(row["uri"]), int(row["start_frame"]), int(row["end_frame"]), row.get("start_pts"),
-                         row.get("end_pts"), row.get("time_base"), float(row["fps"]), cfg.max_side, cfg.crf,
-                         cfg.preset, threads=cfg.threads)
+        uri = row["uri"]
+        with contextlib.ExitStack() as stack:
+            # a remote source is one fsspec file object (block cache) for all the decodes of this clip
+            src = stack.enter_context(remote.opened(uri)) if remote.is_remote(uri) else _local_path(uri)
+            media = cut_clip(src, int(row["start_frame"]), int(row["end_frame"]), row.get("start_pts"),
+                             row.get("end_pts"), row.get("time_base"), float(row["fps"]), cfg.max_side, cfg.crf,
+                             cfg.preset, threads=cfg.threads)
         return dict(row, **{MEDIA: media.data, MEDIA_CODEC: media.codec, MEDIA_SHA256: media.sha256,
                             CLIP_WIDTH: media.width, CLIP_HEIGHT: media.height, CLIP_N_FRAMES: media.n_frames,
                             CLIP_DURATION_S: media.duration_s})

@@ -50,5 +50,5 @@ def test_manifest_without_uri_column_and_remote_urls_are_refused(tree):
     (tree / "m.csv").write_text("path\nx.mp4\n")
     with pytest.raises(InputError, match="no 'uri' column"):
         expand_inputs([str(tree / "m.csv")])
-    with pytest.raises(InputError, match="remote URLs"):
-        expand_inputs(["s3://bucket/x.mp4"])
+    with pytest.raises(InputError, match="unsupported URL scheme"):
+        expand_inputs(["nosuch://bucket/x.mp4"])

@@ -116,7 +116,7 @@ def test_output_schema_matches_storage_types(files):
 
 
 def test_missing_directory_file_url_and_remote_uri(files, tmp_path):
-    uris = [str(tmp_path / "missing.mp4"), str(tmp_path), files["valid"].as_uri(), "s3://bucket/video.mp4"]
+    uris = [str(tmp_path / "missing.mp4"), str(tmp_path), files["valid"].as_uri(), "nosuch://bucket/video.mp4"]
     rows = Probe()(pa.table({"uri": uris})).to_pylist()
     assert [r["status"] for r in rows] == ["rejected", "rejected", "done", "rejected"]
     assert rows[0]["reason"] == "not_found"
