@@ -34,6 +34,19 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+class ContextOverflow(ValueError):
+    """A prompt plus max_new_tokens does not fit the model's context window."""
+
+
+def context_length(config: Any) -> int | None:
+    """The model's context window (max_position_embeddings of its text config), or None when unknown."""
+    for cfg in (getattr(config, "text_config", None), config):
+        n = getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
 class TransformersBackend(TextBackend):
     """Generate with a transformers model in this process (see the module docstring).
 
@@ -77,6 +90,7 @@ class TransformersBackend(TextBackend):
             self.processor = None
             self.model = tf.AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype, **kw)
         self.model.to(self.device).eval()
+        self.context = context_length(self.model.config)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -123,6 +137,11 @@ class TransformersBackend(TextBackend):
         import torch  # noqa: PLC0415
 
         enc = self._inputs(reqs)
+        if self.context is not None:
+            longest = int(enc["attention_mask"].sum(1).max())
+            if longest + self.max_new_tokens > self.context:
+                raise ContextOverflow(f"prompt of {longest} tokens + max_new_tokens {self.max_new_tokens} exceeds "
+                                      f"the model's context of {self.context} tokens")
         kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens,
                               "pad_token_id": self.tokenizer.pad_token_id}
         if self.temperature > 0:
@@ -169,6 +188,8 @@ class TransformersBackend(TextBackend):
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ContextOverflow):
+        return f"context overflow: {one_line(exc)}"
     msg = one_line(f"{type(exc).__name__}: {exc}")
     low = msg.lower()
     if "out of memory" in low:

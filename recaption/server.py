@@ -51,11 +51,14 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def send_json(self, code: int, data: Any) -> None:
         body = json.dumps(data).encode("utf-8")
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError as exc:  # the client gave up (its timeout) or went away
+            log.debug("client %s left before the reply: %s", self.address_string(), exc)
 
     def _authorised(self) -> bool:
         key = self.server.app.api_key  # type: ignore[attr-defined]
