@@ -29,6 +29,7 @@ This module imports nothing of clipmill outside `storage`.
 from __future__ import annotations
 
 import base64
+import bisect
 import datetime as dt
 import hashlib
 import html
@@ -42,9 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow.parquet as pq
 
 from clipmill.storage.query import QueryError, connect
-from clipmill.storage.shards import read_run_json
+from clipmill.storage.shards import committed_files, read_run_json
 from clipmill.storage.stats import SCORES
 
 log = logging.getLogger(__name__)
@@ -288,7 +290,7 @@ def _histogram(con: duckdb.DuckDBPyConnection, column: str, thresholds: Sequence
     row = con.execute(
         f"SELECT count(x), min(x), max(x), quantile_cont(x, 0.005), quantile_cont(x, 0.995), "
         f"count(x) FILTER (WHERE k) FROM (SELECT CAST({col} AS DOUBLE) AS x, coalesce(kept, false) AS k "
-        f"FROM clips) WHERE x IS NOT NULL AND isfinite(x)"
+        f"FROM _light) WHERE x IS NOT NULL AND isfinite(x)"
     ).fetchone()
     n, vmin, vmax, q_lo, q_hi, n_kept = row
     if not n:
@@ -315,7 +317,7 @@ def _histogram(con: duckdb.DuckDBPyConnection, column: str, thresholds: Sequence
     rows = con.execute(
         f"SELECT least(greatest(CAST(floor((x - $lo) / $w) AS BIGINT), 0), $last) AS b, "
         f"count(*) FILTER (WHERE k) AS kept, count(*) FILTER (WHERE NOT k) AS dropped "
-        f"FROM (SELECT CAST({col} AS DOUBLE) AS x, coalesce(kept, false) AS k FROM clips) "
+        f"FROM (SELECT CAST({col} AS DOUBLE) AS x, coalesce(kept, false) AS k FROM _light) "
         f"WHERE x IS NOT NULL AND isfinite(x) GROUP BY b",
         {"lo": lo, "w": width, "last": bins - 1},
     ).fetchall()
@@ -349,7 +351,7 @@ def _figures(con: duckdb.DuckDBPyConnection, params: dict[str, Any], split: dict
     ).fetchone()
     c_total, c_s, kept, kept_s = con.execute(
         "SELECT count(*), coalesce(sum(duration_s), 0), count(*) FILTER (WHERE kept), "
-        "coalesce(sum(duration_s) FILTER (WHERE kept), 0) FROM clips"
+        "coalesce(sum(duration_s) FILTER (WHERE kept), 0) FROM _light"
     ).fetchone()
     funnel = {"inputs": (int(v_total), float(v_s)), "readable": (int(done), float(done_s)),
               "clips": (int(c_total), float(c_s)), "kept": (int(kept), float(kept_s))}
@@ -363,7 +365,7 @@ def _figures(con: duckdb.DuckDBPyConnection, params: dict[str, Any], split: dict
                  "GROUP BY status, r ORDER BY n DESC, status, r")
     ]
     reasons = [(str(r), int(n)) for r, n in _pairs(
-        con, "SELECT r, count(*) AS n FROM (SELECT unnest(reject_reasons) AS r FROM clips) GROUP BY r "
+        con, "SELECT r, count(*) AS n FROM (SELECT unnest(reject_reasons) AS r FROM _light) GROUP BY r "
              "ORDER BY n DESC, r")]
     hists = {}
     for score in SCORES:
@@ -380,16 +382,16 @@ def _figures(con: duckdb.DuckDBPyConnection, params: dict[str, Any], split: dict
     if duration is not None:
         duration["thresholds"] = dur_thr
     flags = [(name, int(a), int(b)) for name, a, b in _pairs(
-        con, "SELECT 'static', count(*) FILTER (WHERE static), count(static) FROM clips UNION ALL "
-             "SELECT 'slideshow', count(*) FILTER (WHERE slideshow), count(slideshow) FROM clips UNION ALL "
-             "SELECT 'near-duplicate', count(duplicate_of), count(*) FROM clips")]
+        con, "SELECT 'static', count(*) FILTER (WHERE static), count(static) FROM _light UNION ALL "
+             "SELECT 'slideshow', count(*) FILTER (WHERE slideshow), count(slideshow) FROM _light UNION ALL "
+             "SELECT 'near-duplicate', count(duplicate_of), count(*) FROM _light")]
     cats = {
-        "aspect bucket": "SELECT coalesce(aspect_bucket, 'unknown') AS k, count(*) AS n FROM clips GROUP BY k",
+        "aspect bucket": "SELECT coalesce(aspect_bucket, 'unknown') AS k, count(*) AS n FROM _light GROUP BY k",
         "resolution": "SELECT CASE WHEN width IS NULL OR height IS NULL THEN 'unknown' ELSE width || 'x' || height "
-                      "END AS k, count(*) AS n FROM clips GROUP BY k",
+                      "END AS k, count(*) AS n FROM _light GROUP BY k",
         "frame rate": "SELECT CASE WHEN fps IS NULL THEN 'unknown' ELSE CAST(round(fps, 2) AS VARCHAR) || ' fps' "
-                      "END AS k, count(*) AS n FROM clips GROUP BY k",
-        "camera motion": "SELECT camera_motion AS k, count(*) AS n FROM clips WHERE camera_motion IS NOT NULL "
+                      "END AS k, count(*) AS n FROM _light GROUP BY k",
+        "camera motion": "SELECT camera_motion AS k, count(*) AS n FROM _light WHERE camera_motion IS NOT NULL "
                          "GROUP BY k",
         "input codec": "SELECT coalesce(codec, 'unknown') AS k, count(*) AS n FROM videos GROUP BY k",
     }
@@ -404,43 +406,98 @@ def _figures(con: duckdb.DuckDBPyConnection, params: dict[str, Any], split: dict
     return _Figures(funnel, by_status, input_reasons, reasons, hists, duration, flags, categories)
 
 
-def _sample_ids(con: duckdb.DuckDBPyConnection, cfg: ReportConfig, reasons: list[tuple[str, int]]
+_LIGHT_COLUMNS = ("clip_id", "kept", "reject_reasons", "duration_s", "width", "height", "fps", "aspect_bucket",
+                  "camera_motion", "static", "slideshow", "duplicate_of") + SCORES
+_PER_BLOCK = 6  # sampled clips taken from one row group at most (see _sample_ids)
+
+
+def _load_light(con: duckdb.DuckDBPyConnection, clip_files: Sequence[Path]) -> int:
+    """Copy the small columns of all clips into in-memory temp tables: `_light` (scores, flags, reasons) and
+    `_loc` (each clip's file and row number). One pass over the shards; every later aggregate runs in memory.
+    Returns the typical row-group size of the shards (rows)."""
+    con.execute(f"CREATE TEMP TABLE _light AS SELECT {', '.join(_ident(c) for c in _LIGHT_COLUMNS)} FROM clips")
+    if clip_files:
+        paths = ", ".join("'" + str(p).replace("'", "''") + "'" for p in clip_files)
+        con.execute(f"CREATE TEMP TABLE _loc AS SELECT clip_id, filename AS path, parse_filename(filename) AS f, "
+                    f"file_row_number AS r FROM read_parquet([{paths}], filename = true, file_row_number = true)")
+        groups = [pq.ParquetFile(p).metadata for p in clip_files[:4]]
+        sizes = [m.row_group(i).num_rows for m in groups for i in range(m.num_row_groups)]
+        return max(sizes, default=256) or 256
+    con.execute("CREATE TEMP TABLE _loc (clip_id VARCHAR, path VARCHAR, f VARCHAR, r BIGINT)")
+    return 256
+
+
+def _sample_ids(con: duckdb.DuckDBPyConnection, cfg: ReportConfig, reasons: list[tuple[str, int]], block: int
                 ) -> tuple[list[str], dict[str, list[str]]]:
-    """Deterministic samples (by md5(clip_id)): kept clip ids, and dropped clip ids per sampled reason."""
-    kept = [r[0] for r in _pairs(con, "SELECT clip_id FROM clips WHERE kept ORDER BY md5(clip_id), clip_id LIMIT ?",
-                                 [cfg.gallery])] if cfg.gallery else []
+    """Deterministic samples: kept clip ids, and dropped clip ids per sampled reason.
+
+    Clips are drawn by row group: row groups in the order of md5(file name, group number), up to _PER_BLOCK
+    clips from each (in md5(clip_id) order). Spread over the dataset, yet a sample of 48 touches about 8 row
+    groups, so fetching its thumbnails and video reads a few column chunks instead of the whole media column.
+    """
+    base = (f"SELECT l.clip_id, l.kept, l.reject_reasons, md5(o.f || ':' || CAST(o.r // {int(block)} AS VARCHAR)) AS blk, "
+            f"o.f, o.r // {int(block)} AS g FROM _light l JOIN _loc o USING (clip_id)")
+    kept: list[str] = []
+    if cfg.gallery:
+        kept = [r[0] for r in _pairs(
+            con, f"SELECT clip_id FROM ({base}) WHERE kept "
+                 f"QUALIFY row_number() OVER (PARTITION BY f, g ORDER BY md5(clip_id), clip_id) <= {_PER_BLOCK} "
+                 f"ORDER BY blk, md5(clip_id), clip_id LIMIT $n", {"n": cfg.gallery})]
     wanted = [r for r, _ in reasons[: cfg.max_reasons]]
     per: dict[str, list[str]] = {r: [] for r in wanted}
     if wanted and cfg.per_reason:
         rows = _pairs(
-            con, "SELECT r, clip_id FROM (SELECT clip_id, unnest(reject_reasons) AS r FROM clips) "
-                 "WHERE list_contains($wanted, r) "
-                 "QUALIFY row_number() OVER (PARTITION BY r ORDER BY md5(clip_id), clip_id) <= $k "
-                 "ORDER BY r, md5(clip_id), clip_id",
+            con, f"SELECT r, clip_id FROM (SELECT *, row_number() OVER (PARTITION BY r ORDER BY blk, i, clip_id) AS j "
+                 f"FROM (SELECT r, clip_id, blk, row_number() OVER (PARTITION BY r, f, g ORDER BY md5(clip_id), "
+                 f"clip_id) AS i FROM (SELECT *, unnest(reject_reasons) AS r FROM ({base})) "
+                 f"WHERE list_contains($wanted, r)) WHERE i <= {_PER_BLOCK}) WHERE j <= $k ORDER BY r, j",
             {"wanted": wanted, "k": cfg.per_reason})
         for r, cid in rows:
             per[str(r)].append(str(cid))
     return kept, per
 
 
-def _fetch_rows(con: duckdb.DuckDBPyConnection, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """The sampled clips' display columns (and media size), keyed by clip_id."""
+def _fetch_rows(con: duckdb.DuckDBPyConnection, ids: Iterable[str], cfg: ReportConfig) -> dict[str, dict[str, Any]]:
+    """The sampled clips' display columns, thumbnail and media (when under max_clip_mb), keyed by clip_id.
+
+    Reads only the row groups that hold a sampled clip, straight from the committed files (pyarrow), one row
+    group at a time; `media_bytes` is the stored video's size, `media` is dropped when it is over the cap.
+    """
     ids = sorted(set(ids))
     if not ids:
         return {}
-    cols = ", ".join(_ident(c) for c in _SAMPLE_COLUMNS)
-    rel = con.execute(f"SELECT {cols}, octet_length(media) AS media_bytes FROM clips WHERE clip_id IN "
-                      f"(SELECT unnest($ids))", {"ids": ids})
-    names = [d[0] for d in rel.description]
-    return {row[0]: dict(zip(names, row, strict=True)) for row in rel.fetchall()}
-
-
-def _fetch_media(con: duckdb.DuckDBPyConnection, ids: Sequence[str]) -> dict[str, bytes]:
-    if not ids:
-        return {}
-    rows = con.execute("SELECT clip_id, media FROM clips WHERE clip_id IN (SELECT unnest($ids))",
-                       {"ids": sorted(set(ids))}).fetchall()
-    return {cid: bytes(m) for cid, m in rows if m is not None}
+    locs = con.execute("SELECT clip_id, path, r FROM _loc WHERE clip_id IN (SELECT unnest($ids)) ORDER BY path, r",
+                       {"ids": ids}).fetchall()
+    by_file: dict[str, list[tuple[str, int]]] = {}
+    for cid, path, r in locs:
+        by_file.setdefault(str(path), []).append((str(cid), int(r)))
+    per_clip = cfg.max_clip_mb * 2**20
+    wanted = _SAMPLE_COLUMNS + ("media",)
+    out: dict[str, dict[str, Any]] = {}
+    for path, rows in by_file.items():
+        pf = pq.ParquetFile(path)
+        starts = [0]
+        for i in range(pf.metadata.num_row_groups):
+            starts.append(starts[-1] + pf.metadata.row_group(i).num_rows)
+        names = [c for c in wanted if c in pf.schema_arrow.names]
+        by_group: dict[int, list[tuple[str, int]]] = {}
+        for cid, r in rows:
+            by_group.setdefault(bisect.bisect_right(starts, r) - 1, []).append((cid, r))
+        for group, members in by_group.items():
+            table = pf.read_row_group(group, columns=names)
+            for cid, r in members:
+                row = {c: table.column(c)[r - starts[group]].as_py() for c in names}
+                if row.get("clip_id") != cid:
+                    log.warning("%s: row %d is not clip %s; skipped from the report sample", path, r, cid)
+                    continue
+                for c in wanted:
+                    row.setdefault(c, None)
+                media = row.pop("media")
+                row["media_bytes"] = len(media) if media is not None else 0
+                row["media"] = media if media is not None and len(media) <= per_clip else None
+                out[cid] = row
+            del table
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ HTML parts
@@ -765,33 +822,40 @@ def build_report(out: str | os.PathLike, cfg: ReportConfig | None = None) -> tup
         return now
 
     try:
+        clip_files = [Path(p).resolve() for p in committed_files(root, "clips")]  # before connect: a subset of its
         con = connect(root)
-    except QueryError as exc:
+    except (QueryError, OSError, ValueError) as exc:
         raise ReportError(str(exc)) from exc
     try:
         t = time.perf_counter()
+        block = _load_light(con, clip_files)
+        t = lap("load", t)
         figs = _figures(con, params, split, cfg.bins)
         t = lap("aggregate", t)
-        kept_ids, per_reason = _sample_ids(con, cfg, figs.reasons)
+        kept_ids, per_reason = _sample_ids(con, cfg, figs.reasons, block)
         t = lap("sample", t)
-        rows = _fetch_rows(con, kept_ids + [c for ids in per_reason.values() for c in ids])
-        order = [c for c in kept_ids if c in rows] + [c for ids in per_reason.values() for c in ids if c in rows]
-        order = list(dict.fromkeys(order))
-        chosen = _plan_media(rows, order, cfg)
-        media_bytes = _fetch_media(con, chosen)
+        rows = _fetch_rows(con, kept_ids + [c for ids in per_reason.values() for c in ids], cfg)
         t = lap("fetch_samples", t)
     except duckdb.Error as exc:
-        raise ReportError(f"cannot read {out}: {exc}") from exc
+        raise ReportError(f"cannot read {out}: {exc} (if a run or dedup is writing it, run the report again)") from exc
+    except OSError as exc:
+        raise ReportError(f"cannot read a shard of {out}: {exc}") from exc
     finally:
         con.close()
+    order = [c for c in kept_ids if c in rows] + [c for ids in per_reason.values() for c in ids if c in rows]
+    order = list(dict.fromkeys(order))
+    chosen = _plan_media(rows, order, cfg)
 
     media = _Media()
     for i, cid in enumerate(chosen):
-        if cid in media_bytes:
+        data = rows[cid].get("media")
+        if data is not None:
             el = f"m{i}"
             media.ids[cid] = el
-            media.blobs.append((el, base64.b64encode(media_bytes[cid]).decode("ascii")))
-            media.bytes += len(media_bytes[cid])
+            media.blobs.append((el, base64.b64encode(data).decode("ascii")))
+            media.bytes += len(data)
+    for row in rows.values():
+        row.pop("media", None)
 
     def cards(ids: Sequence[str], show_reasons: bool) -> str:
         out_parts = []
