@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -36,6 +37,30 @@ def main(verbose: int) -> None:
     _setup_logging(verbose)
 
 
+class _DatasetDir(click.Path):
+    """A dataset folder, or a remote OUT URL (s3://...) whose committed files are first copied to a local cache
+    (storage/remote.py); `fresh` downloads every file again (verify)."""
+
+    def __init__(self, fresh: bool = False) -> None:
+        super().__init__(exists=True, file_okay=False)
+        self.fresh = fresh
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 - click's signature
+        from clipmill.storage import remote  # noqa: PLC0415
+
+        if not remote.is_remote(str(value)):
+            return super().convert(value, param, ctx)
+        from clipmill.storage.shards import DatasetError  # noqa: PLC0415
+
+        try:
+            local = remote.local_copy(str(value), fresh=self.fresh)
+        except (DatasetError, ValueError) as exc:
+            self.fail(str(exc), param, ctx)
+        if ctx is not None:
+            ctx.meta["clipmill.remote_out"] = str(value)
+        return str(local)
+
+
 # --------------------------------------------------------------------------------------------- run
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
@@ -45,8 +70,11 @@ def main(verbose: int) -> None:
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Process at most N new inputs.")
 @click.option("--progress/--no-progress", default=None, help="Live progress (default: when stderr is a TTY).")
 @click.option("--repair", is_flag=True, help="First verify OUT and quarantine broken shards, so they are re-run.")
+@click.option("--storage-options", default=None, metavar="JSON",
+              help="fsspec options for remote inputs/OUT, e.g. '{\"endpoint_url\": \"http://host:9000\"}' "
+                   "(default: CLIPMILL_STORAGE_OPTIONS).")
 def run(inputs: tuple[str, ...], out: str, recipe: str, address: str | None, limit: int | None,
-        progress: bool | None, repair: bool) -> None:
+        progress: bool | None, repair: bool, storage_options: str | None) -> None:
     """Run a recipe over INPUTS (files, directories, globs, or .csv/.jsonl/.parquet manifests) into OUT.
 
     Re-running the same command resumes: videos already committed in OUT are skipped.
@@ -55,8 +83,17 @@ def run(inputs: tuple[str, ...], out: str, recipe: str, address: str | None, lim
     from clipmill.pipeline.recipe import RecipeError, load_recipe  # noqa: PLC0415
     from clipmill.pipeline.runner import RunError, RunInterrupted  # noqa: PLC0415
     from clipmill.pipeline.runner import run as run_pipeline  # noqa: PLC0415
+    from clipmill.storage import remote  # noqa: PLC0415
     from clipmill.storage.shards import DatasetError  # noqa: PLC0415
 
+    if storage_options is not None:
+        try:
+            remote.parse_storage_options(storage_options)
+        except ValueError as exc:
+            _fail(f"--storage-options: {exc}")
+        os.environ[remote.STORAGE_OPTIONS_ENV] = storage_options  # stages and Ray workers read it from there
+    if repair and remote.is_remote(out):
+        _fail("--repair needs a local OUT; run `clipmill verify` on the remote OUT to check it")
     try:
         rec = load_recipe(recipe)
     except RecipeError as exc:
@@ -156,7 +193,7 @@ class _Progress:
 
 def _print_summary(out: str, stats) -> None:  # noqa: ANN001 - RunStats
     s = stats.to_json()
-    click.echo(f"dataset: {Path(out).resolve()}")
+    click.echo(f"dataset: {out if '://' in out else Path(out).resolve()}")
     skipped = f" ({s['skipped_already_committed']} already committed, skipped)" if s["skipped_already_committed"] else ""
     click.echo(f"inputs: {s['inputs']} processed{skipped}")
     st = s["status"]
@@ -214,7 +251,7 @@ def _emit_detect_error(v: str, exc: BaseException, as_json: bool) -> None:
 
 # --------------------------------------------------------------------------------------------- sql
 @main.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=_DatasetDir())
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table",
               show_default=True)
@@ -235,7 +272,7 @@ def sql(out: str, query: str, fmt: str, output: str | None, allow_external: bool
 
 # ------------------------------------------------------------------------------------------ verify
 @main.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=_DatasetDir(fresh=True))
 @click.option("--checksums/--no-checksums", default=True, show_default=True,
               help="Hash every committed file against its commit record (reads the whole dataset).")
 @click.option("--repair", is_flag=True, help="Move broken shards to OUT/_quarantine so a rerun re-processes them.")
@@ -248,6 +285,8 @@ def verify(out: str, checksums: bool, repair: bool, as_json: bool) -> None:
     from clipmill.storage.shards import DatasetError  # noqa: PLC0415
     from clipmill.storage.verify import repair_dataset, verify_dataset  # noqa: PLC0415
 
+    if repair and click.get_current_context().meta.get("clipmill.remote_out"):
+        _fail("--repair works on a local OUT only; a remote OUT is checked on a fresh local copy")
     try:
         report = verify_dataset(out, checksums=checksums)
         fixed = repair_dataset(out, report) if repair and not report.clean else None
@@ -286,7 +325,7 @@ def dedup(out: str, threshold: float, block_size: int) -> None:
 
 # ------------------------------------------------------------------------------------------- stats
 @main.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=_DatasetDir())
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def stats(out: str, as_json: bool) -> None:
     """Counts, rejects by reason, duration and score distributions of dataset OUT."""
