@@ -346,6 +346,7 @@ _COMMANDS: list[str] = [
     "clipmill.storage.report_cli:report",
     "clipmill.dit.cli:train_command",
     "clipmill.dit.cli:sample_command",
+    "clipmill.dit.check_cli:check_generated_cmd",
 ]
 
 
