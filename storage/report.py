@@ -431,26 +431,28 @@ def _sample_ids(con: duckdb.DuckDBPyConnection, cfg: ReportConfig, reasons: list
                 ) -> tuple[list[str], dict[str, list[str]]]:
     """Deterministic samples: kept clip ids, and dropped clip ids per sampled reason.
 
-    Clips are drawn by row group: row groups in the order of md5(file name, group number), up to _PER_BLOCK
-    clips from each (in md5(clip_id) order). Spread over the dataset, yet a sample of 48 touches about 8 row
-    groups, so fetching its thumbnails and video reads a few column chunks instead of the whole media column.
+    Clips are drawn by row group: row groups in the order of md5(file name, group number), the first
+    _PER_BLOCK clips (in md5(clip_id) order) of each, then the next _PER_BLOCK of each, and so on. Spread over
+    the dataset, yet a sample of 48 from a large dataset touches about 8 row groups, so fetching its
+    thumbnails and video reads a few column chunks instead of the whole media column.
     """
     base = (f"SELECT l.clip_id, l.kept, l.reject_reasons, md5(o.f || ':' || CAST(o.r // {int(block)} AS VARCHAR)) AS blk, "
             f"o.f, o.r // {int(block)} AS g FROM _light l JOIN _loc o USING (clip_id)")
     kept: list[str] = []
     if cfg.gallery:
         kept = [r[0] for r in _pairs(
-            con, f"SELECT clip_id FROM ({base}) WHERE kept "
-                 f"QUALIFY row_number() OVER (PARTITION BY f, g ORDER BY md5(clip_id), clip_id) <= {_PER_BLOCK} "
-                 f"ORDER BY blk, md5(clip_id), clip_id LIMIT $n", {"n": cfg.gallery})]
+            con, f"SELECT clip_id FROM (SELECT clip_id, blk, row_number() OVER (PARTITION BY f, g ORDER BY "
+                 f"md5(clip_id), clip_id) AS i FROM ({base}) WHERE kept) "
+                 f"ORDER BY (i - 1) // {_PER_BLOCK}, blk, i LIMIT $n", {"n": cfg.gallery})]
     wanted = [r for r, _ in reasons[: cfg.max_reasons]]
     per: dict[str, list[str]] = {r: [] for r in wanted}
     if wanted and cfg.per_reason:
         rows = _pairs(
-            con, f"SELECT r, clip_id FROM (SELECT *, row_number() OVER (PARTITION BY r ORDER BY blk, i, clip_id) AS j "
+            con, f"SELECT r, clip_id FROM (SELECT *, row_number() OVER (PARTITION BY r ORDER BY "
+                 f"(i - 1) // {_PER_BLOCK}, blk, i) AS j "
                  f"FROM (SELECT r, clip_id, blk, row_number() OVER (PARTITION BY r, f, g ORDER BY md5(clip_id), "
                  f"clip_id) AS i FROM (SELECT *, unnest(reject_reasons) AS r FROM ({base})) "
-                 f"WHERE list_contains($wanted, r)) WHERE i <= {_PER_BLOCK}) WHERE j <= $k ORDER BY r, j",
+                 f"WHERE list_contains($wanted, r))) WHERE j <= $k ORDER BY r, j",
             {"wanted": wanted, "k": cfg.per_reason})
         for r, cid in rows:
             per[str(r)].append(str(cid))
