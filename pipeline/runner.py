@@ -212,8 +212,15 @@ def _enable_token_auth() -> None:
     """Join clusters that use token authentication (what `ray start --head` sets up since Ray 2.59): when
     RAY_AUTH_MODE is unset and a token is available, use it. A token-mode driver also joins clusters that run
     without authentication (checked with Ray 2.60); RAY_AUTH_MODE set by the user is left as it is."""
-    if not os.environ.get("RAY_AUTH_MODE") and _ray_token_available():
-        os.environ["RAY_AUTH_MODE"] = "token"
+    if os.environ.get("RAY_AUTH_MODE") or not _ray_token_available():
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # Ray caches its config at import: refresh it, as ray.init does when it turns token mode on locally
+        from ray._raylet import Config  # noqa: PLC0415
+
+        Config.initialize("")
+    except (ImportError, AttributeError):  # another Ray layout: the variable still reaches child processes
+        log.debug("could not refresh Ray's config after setting RAY_AUTH_MODE=token")
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
