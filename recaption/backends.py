@@ -23,7 +23,7 @@ def make_backend(cfg: GenerationConfig, *, vision: bool, max_images: int | None 
         return TransformersBackend(cfg.model or "", vision=vision, device=cfg.device, dtype=cfg.dtype,
                                    trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                   batch_size=cfg.batch_size, image_side=image_side)
+                                   batch_size=cfg.batch_size, image_side=image_side, threads=cfg.threads)
     if cfg.backend == "vllm":
         from clipmill.recaption.vllm_backend import VllmBackend  # noqa: PLC0415
 

@@ -60,17 +60,21 @@ class TransformersBackend(TextBackend):
         max_new_tokens, temperature: generation length and sampling (0 = greedy).
         batch_size: requests per `generate` call.
         image_side: frames are scaled so their longer side is at most this before the processor sees them.
+        threads: torch intra-op threads when running on CPU (None = leave torch's setting). Process-wide.
     """
 
     def __init__(self, model: str, *, vision: bool, device: str = "auto", dtype: str = "auto",
                  trust_remote_code: bool = False, revision: str | None = None, max_new_tokens: int = 256,
-                 temperature: float = 0.0, batch_size: int = 8, image_side: int | None = None) -> None:
+                 temperature: float = 0.0, batch_size: int = 8, image_side: int | None = None,
+                 threads: int | None = None) -> None:
         import torch  # noqa: PLC0415
         import transformers as tf  # noqa: PLC0415
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.device = pick_device(device)
+        if threads and self.device == "cpu":
+            torch.set_num_threads(threads)
         if dtype == "auto":
             dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         self.dtype = getattr(torch, dtype)
