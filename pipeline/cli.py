@@ -49,7 +49,7 @@ class _DatasetDir(click.Path):
         from clipmill.storage import remote  # noqa: PLC0415
 
         if not remote.is_remote(str(value)):
-            return super().convert(value, param, ctx)
+            return super().convert(remote.file_url_path(value), param, ctx)
         from clipmill.storage.shards import DatasetError  # noqa: PLC0415
 
         try:

@@ -468,7 +468,7 @@ class RunMetrics:
         for m in self.stages.values():
             nodes.update(m.nodes)
         return {
-            "stages": stages, "queue": queue, "nodes": dict(nodes),
+            "stage_order": list(self.order), "stages": stages, "queue": queue, "nodes": dict(nodes),
             "videos_in_ray_max": float(in_ray.max()), "videos_in_ray_mean": round(float(in_ray.mean()), 3),
             "videos_awaiting_commit_max": float(awaiting.max()),
             "videos_awaiting_commit_mean": round(float(awaiting.mean()), 3),
@@ -525,7 +525,7 @@ def run(
     staging copy under the cache folder (storage/remote.py) and every commit is published as it happens.
     Raises DatasetError (from storage) when OUT cannot be used; bad inputs never raise.
     """
-    target = _Target(Path(out))
+    target = _Target(Path(remote.file_url_path(out)))
     if remote.is_remote(os.fspath(out)):
         target.remote = remote.RemoteDataset(os.fspath(out))
         target.local = target.remote.local_dir("staging")

@@ -66,6 +66,18 @@ def is_remote(uri: str | os.PathLike) -> bool:
     return scheme not in ("file", "local") and bool(re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme))
 
 
+def file_url_path(uri: str | os.PathLike) -> str:
+    """A local path for a plain path or a `file://` URL (percent-escapes decoded); other text is returned as is."""
+    text = os.fspath(uri)
+    if text.startswith("file://"):
+        from urllib.parse import unquote, urlparse  # noqa: PLC0415
+
+        parsed = urlparse(text)
+        if parsed.netloc in ("", "localhost"):
+            return unquote(parsed.path, errors="surrogateescape")
+    return text
+
+
 def parse_storage_options(text: str) -> dict[str, Any]:
     """Parse storage options given as JSON text; ValueError with a one-line message when it is not an object."""
     try:

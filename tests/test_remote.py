@@ -83,6 +83,8 @@ def test_storage_options_from_env(monkeypatch):
     monkeypatch.setenv(remote.STORAGE_OPTIONS_ENV, "{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         remote.storage_options("s3")
+    assert remote.file_url_path("file:///data/a%20b") == "/data/a b" and not remote.is_remote("file:///x")
+    assert remote.is_remote("s3://b/k") and remote.is_remote("gs://b/k") and not remote.is_remote("/x/y")
     assert redact_argv(["run", "x", "--storage-options", '{"secret": "s"}', "--storage-options={}"]) == [
         "run", "x", "--storage-options", "<redacted>", "--storage-options=<redacted>"]
 
@@ -142,6 +144,20 @@ def test_remote_mirror_publishes_records_last_and_drops_unpublished(memfs, tmp_p
     third = _commit(staging, "b.mp4", "v2")
     rds2.publish_commit(staging, third)
     assert [r.uris for r in read_commits(remote.local_copy(url))] == [["a.mp4"], ["b.mp4"]]
+    # a whole-dataset step rewrites a shard under a new name and replaces its record (as dedup does): the push
+    # uploads the new file, then the record, then deletes the old file
+    rec_path = staging / COMMITS / f"{first}.json"
+    rec = json.loads(rec_path.read_text())
+    old, new = rec["files"]["videos"]["path"], f"videos/{first}.r1.parquet"
+    shutil.copy(staging / old, staging / new)
+    rec["files"]["videos"]["path"] = new
+    rec_path.write_text(json.dumps(rec))
+    (staging / old).unlink()
+    assert rds2.push(staging) == 1
+    assert fs.exists(f"{root}/ds/{new}") and not fs.exists(f"{root}/ds/{old}")
+    copy = remote.local_copy(url)
+    assert read_table(copy, "videos")["uri"].to_pylist() == ["a.mp4", "b.mp4"]
+    assert not (copy / old).exists()  # the reader's copy follows too
     with pytest.raises(DatasetError, match="not a clipmill dataset"):
         remote.local_copy(f"memory://{root}/nothing-here")
 
