@@ -9,8 +9,8 @@ What `write_generated_video` does, in order (nothing is written when a step refu
    `NSFW_MAX_FRAMES` frames spread over the video (first and last included); the video is refused
    (`GenerationRefused`) when the highest score exceeds `nsfw_threshold` (default `NSFW_THRESHOLD` = 0.5, the
    default recipe's `max_nsfw_score`).
-2. Invisible watermark: invisible-watermark's `dwtDctSvd` codec (`imwatermark.dwtDctSvd.EmbedDwtDctSvd`, its
-   default strength 36 on the U channel) embeds a 48-bit payload in every frame: a fixed 16-bit clipmill tag
+2. Invisible watermark: invisible-watermark's `dwtDctSvd` codec (`imwatermark.dwtDctSvd.EmbedDwtDctSvd` on the
+   U channel, strength `WATERMARK_SCALE` = 48 instead of the library's 36) embeds a 48-bit payload in every frame: a fixed 16-bit clipmill tag
    (`WATERMARK_TAG`), a 24-bit per-video id and an 8-bit CRC of both. The library's own `WatermarkEncoder`
    refuses frames under 256x256 px; we call its codec class directly and accept frames down to
    `MIN_WATERMARK_SIDE` (64 px) on each side, because the detector pools the votes of every 4x4 block of every
@@ -67,18 +67,20 @@ AI_SOURCE_TYPES = (AI_SOURCE_TYPE,
 GENERATION_LABEL = "org.clipmill.generation"
 GENERATOR_NAME = "clipmill"
 
-#: Watermark payload: 16-bit tag + 24-bit video id + 8-bit CRC-8 (poly 0x07) over the first 40 bits.
+#: Watermark payload: 16-bit tag + 24-bit video id + 8-bit CRC-8 (poly 0x07, init 0xFF) over the first 40 bits.
 WATERMARK_TAG = 0xC3A5
 TAG_BITS, ID_BITS, CRC_BITS = 16, 24, 8
 PAYLOAD_BITS = TAG_BITS + ID_BITS + CRC_BITS
 WATERMARK_METHOD = "dwtDctSvd"
-WATERMARK_SCALE = 36
+#: Quantisation step of the largest singular value (the library's default is 36; 48 survives re-encoding
+#: better at about 1.5-2 dB lower PSNR, see bench/watermark.py). The decoder must use the same value.
+WATERMARK_SCALE = 48
 #: Smallest frame side that is watermarked (each 4x4 block of the half-resolution U plane carries one vote).
 MIN_WATERMARK_SIDE = 64
 #: The watermark counts as detected when at least this many of the 16 tag bits match (0.2% by chance).
 TAG_MIN_MATCH = 14
 #: Frames decoded (evenly spread) to read a watermark.
-WATERMARK_MAX_FRAMES = 64
+WATERMARK_MAX_FRAMES = 32
 
 NSFW_THRESHOLD = 0.5
 NSFW_MAX_FRAMES = 16
@@ -261,7 +263,7 @@ def _c2pa_signer(cfg: SignerConfig):
 
 # ------------------------------------------------------------------------------------------ watermark
 def _crc8(bits: list[int]) -> int:
-    crc = 0
+    crc = 0xFF  # non-zero start: an all-zero (or all-one) reading does not pass
     for b in bits:
         top = (crc >> 7) & 1
         crc = (crc << 1) & 0xFF
@@ -318,22 +320,41 @@ def embed_watermark(frames: np.ndarray, bits: list[int]) -> np.ndarray:
     return out
 
 
-def watermark_votes(frames: np.ndarray | list[np.ndarray], n_bits: int = PAYLOAD_BITS) -> np.ndarray:
-    """Per payload bit, the fraction of its blocks (over all frames) that read 1: (n_bits,) float in [0, 1]."""
+def _block_scores(plane: np.ndarray) -> np.ndarray:
+    """dwtDctSvd's per-block reading of one half-resolution (DWT LL) plane, in its raster order: 0/1 per block.
+
+    The library's `infer_dct_svd` takes the largest singular value of each 4x4 block's DCT; the 2-D DCT is
+    orthonormal, so that equals the block's own largest singular value, which we compute for all blocks at once
+    (tests check equality with the library's `decode_frame`).
+    """
+    rows, cols = plane.shape[0] // 4, plane.shape[1] // 4
+    blocks = plane[:rows * 4, :cols * 4].reshape(rows, 4, cols, 4).transpose(0, 2, 1, 3).reshape(-1, 4, 4)
+    sigma = np.linalg.svd(blocks, compute_uv=False)[:, 0]
+    return ((sigma % WATERMARK_SCALE) > WATERMARK_SCALE * 0.5).astype(np.int64)
+
+
+def _u_plane_ll(frame: np.ndarray) -> np.ndarray:
     import cv2  # noqa: PLC0415
     import pywt  # noqa: PLC0415
-    from imwatermark.dwtDctSvd import EmbedDwtDctSvd  # noqa: PLC0415
 
-    codec = EmbedDwtDctSvd([], wmLen=n_bits, scales=[0, WATERMARK_SCALE, 0])
-    scores: list[list[int]] = [[] for _ in range(n_bits)]
+    yuv = cv2.cvtColor(cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2BGR), cv2.COLOR_BGR2YUV)
+    h, w = yuv.shape[0] // 4 * 4, yuv.shape[1] // 4 * 4
+    ca, _ = pywt.dwt2(yuv[:h, :w, 1], "haar")
+    return ca
+
+
+def watermark_votes(frames: np.ndarray | list[np.ndarray], n_bits: int = PAYLOAD_BITS) -> np.ndarray:
+    """Per payload bit, the fraction of its blocks (over all frames) that read 1: (n_bits,) float in [0, 1]."""
+    ones = np.zeros(n_bits)
+    count = np.zeros(n_bits)
     for f in frames:
-        yuv = cv2.cvtColor(cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2BGR), cv2.COLOR_BGR2YUV)
-        h, w = yuv.shape[0] // 4 * 4, yuv.shape[1] // 4 * 4
-        if min(h, w) < 8:
+        if min(f.shape[:2]) < 8:
             continue
-        ca, _ = pywt.dwt2(yuv[:h, :w, 1], "haar")
-        scores = codec.decode_frame(ca, WATERMARK_SCALE, scores)
-    return np.array([np.mean(s) if s else 0.5 for s in scores])
+        scores = _block_scores(_u_plane_ll(f))
+        bit = np.arange(len(scores)) % n_bits
+        ones += np.bincount(bit, weights=scores, minlength=n_bits)
+        count += np.bincount(bit, minlength=n_bits)
+    return np.where(count > 0, ones / np.maximum(count, 1), 0.5)
 
 
 def decode_watermark(frames: np.ndarray | list[np.ndarray], expected: list[int] | None = None) -> dict[str, Any]:
@@ -415,6 +436,7 @@ class _PromptClassifier:
         self.names = [c for c, ss in PROMPT_CATEGORIES.items() for _ in ss]
         sentences = [s for ss in PROMPT_CATEGORIES.values() for s in ss]
         self.refs = self.model.encode(sentences, normalize_embeddings=True, show_progress_bar=False)
+        self.cache: dict[str, dict[str, float]] = {}
 
     @classmethod
     def get(cls) -> _PromptClassifier:
@@ -423,18 +445,28 @@ class _PromptClassifier:
                 cls._instance = cls()
             return cls._instance
 
-    def scores(self, prompt: str) -> dict[str, float]:
-        emb = self.model.encode([prompt], normalize_embeddings=True, show_progress_bar=False)[0]
-        sims = self.refs @ emb
-        out: dict[str, float] = {}
-        for name, s in zip(self.names, sims, strict=True):
-            out[name] = max(out.get(name, -1.0), float(s))
-        return out
+    def scores(self, prompts: list[str]) -> list[dict[str, float]]:
+        todo = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if todo:
+            embs = self.model.encode(todo, normalize_embeddings=True, show_progress_bar=False, batch_size=64)
+            if len(self.cache) > 4096:
+                self.cache.clear()
+            for p, emb in zip(todo, embs, strict=True):
+                out: dict[str, float] = {}
+                for name, s in zip(self.names, self.refs @ emb, strict=True):
+                    out[name] = max(out.get(name, -1.0), float(s))
+                self.cache[p] = out
+        return [self.cache[p] for p in prompts]
 
 
 def prompt_scores(prompt: str) -> dict[str, float]:
     """Per refused category, the prompt's highest cosine similarity to its description sentences."""
-    return _PromptClassifier.get().scores(prompt)
+    return prompt_scores_many([prompt])[0]
+
+
+def prompt_scores_many(prompts: list[str]) -> list[dict[str, float]]:
+    """`prompt_scores` of several prompts in one encoder batch (results are cached per normalised prompt)."""
+    return _PromptClassifier.get().scores([" ".join(p.lower().split()) for p in prompts])
 
 
 def check_prompt(prompt: str, *, threshold: float = PROMPT_THRESHOLD) -> None:
@@ -449,7 +481,7 @@ def check_prompt(prompt: str, *, threshold: float = PROMPT_THRESHOLD) -> None:
             _refuse_prompt(category, None)
     if not text:
         return
-    scores = prompt_scores(text)
+    scores = prompt_scores_many([text])[0]
     category, score = max(scores.items(), key=lambda kv: kv[1])
     if score > threshold:
         _refuse_prompt(category, score, threshold)
@@ -742,10 +774,11 @@ def check_generated(path: str | Path, *, trust_anchors: str | Path | None = None
             sizes.append((int(gen["width"]), int(gen["height"])))
         sizes += [(round(w * f), round(h * f)) for f in (2.0, 1.5, 4 / 3)]
         for sw, sh in dict.fromkeys(sizes):
-            scaled = [cv2.resize(f, (sw, sh), interpolation=cv2.INTER_LINEAR) for f in frames]
+            # pixel replication: measured to keep more bits than bilinear/bicubic after a 0.5x resize + H.264
+            scaled = [cv2.resize(f, (sw, sh), interpolation=cv2.INTER_NEAREST) for f in frames]
             readings.append(({"scaled_to": [sw, sh]}, decode_watermark(scaled, expected)))
-    how, best = max(readings, key=lambda r: (r[1]["detected"], r[1]["crc_ok"], r[1]["tag_bit_accuracy"],
-                                             r[1]["margin"]))
+    how, best = max(readings, key=lambda r: (r[1]["detected"] and r[1]["crc_ok"], r[1]["detected"],
+                                             r[1]["tag_bit_accuracy"], r[1]["margin"]))
     wm = dict(best, **how, frames_read=len(frames), expected_from="manifest" if expected else None)
     if wm_meta and not wm_meta.get("embedded", True):
         wm["reason"] = f"the manifest says no watermark was embedded: {wm_meta.get('reason', '')}"
