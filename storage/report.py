@@ -165,10 +165,6 @@ _PAD_L, _PAD_B, _PAD_T = 44, 30, 20
 _KEPT, _DROPPED, _THRESH = "#2f8f5b", "#b9bec7", "#d1333d"
 
 
-def _tick(v: float) -> str:
-    return _num(v, 3)
-
-
 def svg_histogram(bins: Sequence[dict[str, Any]], thresholds: Sequence[tuple[str, float]], *,
                   label: str, lo: float, hi: float) -> str:
     """Stacked (kept, dropped) histogram as an SVG string, with threshold lines; bins need lo, hi, kept, dropped.
@@ -178,6 +174,9 @@ def svg_histogram(bins: Sequence[dict[str, Any]], thresholds: Sequence[tuple[str
     plot_w, plot_h = _W - _PAD_L - 8, _H - _PAD_B - _PAD_T
     peak = max((b["kept"] + b["dropped"] for b in bins), default=0) or 1
     span = (hi - lo) or 1.0
+
+    def _tick(v: float) -> str:  # an axis label: values within 1e-4 of a span from 0 read 0
+        return _num(0.0 if abs(v) < span * 1e-4 else v, 3)
 
     def x(v: float) -> float:
         return _PAD_L + (v - lo) / span * plot_w
@@ -870,7 +869,7 @@ def build_report(out: str | os.PathLike, cfg: ReportConfig | None = None) -> tup
         return "".join(out_parts)
 
     n_kept = figs.funnel["kept"][0]
-    gallery_note = (f"{len(kept_ids):,} of {n_kept:,} kept clips, a fixed sample (by md5 of clip_id). "
+    gallery_note = (f"{len(kept_ids):,} of {n_kept:,} kept clips, a fixed sample drawn across the dataset. "
                     f"Hover a clip to play it, click to keep it playing with controls.")
     gallery = (f'<div class="gallery">{cards(kept_ids, False)}</div>' if kept_ids
                else '<p class="empty">No kept clip.</p>')
@@ -906,7 +905,7 @@ def build_report(out: str | os.PathLike, cfg: ReportConfig | None = None) -> tup
     versions = (meta or {}).get("versions") or {}
     header_sub = " · ".join(x for x in [
         f"schema {(meta or {}).get('schema_version', '?')}",
-        f"updated {(meta or {}).get('updated_at', '?')}",
+        f"updated {meta['updated_at']}" if (meta or {}).get("updated_at") else "",
         f"report {generated}",
         ", ".join(f"{k} {v}" for k, v in versions.items()) if isinstance(versions, dict) else "",
     ] if x)
