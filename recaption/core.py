@@ -29,7 +29,7 @@ from clipmill.recaption.prompts import (
     expand_request,
     parse_expansion,
 )
-from clipmill.recaption.textgen import GenRequest, one_line
+from clipmill.recaption.textgen import GenRequest, one_line, resize_frame
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def caption_clips(clips: list[tuple[dict[str, Any], list[np.ndarray]]], settings
     backend = _vision_backend(s)
     reqs = []
     for (_, frames), f in zip(clips, facts, strict=True):
-        picked = pick(frames, s.max_frames)
+        picked = [resize_frame(f, s.image_side) for f in pick(frames, s.max_frames)]
         reqs.append(GenRequest(prompt=caption_prompt(f, len(picked)), system=s.system_prompt or CAPTION_SYSTEM,
                                images=picked))
     out = []
