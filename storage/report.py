@@ -687,6 +687,9 @@ def _timings_html(meta: dict[str, Any] | None) -> str:
         parts.append(_table(head, body, "stages"))
     other = {k: v for k, v in last.items() if isinstance(v, (dict, list)) and v and k not in extra
              and k != "stage_seconds"}
+    metrics = next((r["metrics"] for r in reversed(runs) if isinstance(r.get("metrics"), dict)), {})
+    if metrics:
+        parts.append(_metrics_html(metrics))
     glob = next((r["global_steps"] for r in reversed(runs) if isinstance(r.get("global_steps"), dict)), {})
     if glob:
         parts.append("<h3>Whole-dataset steps of the last run</h3>")
@@ -694,6 +697,85 @@ def _timings_html(meta: dict[str, Any] | None) -> str:
     if other:
         parts.append("<h3>Other figures of the last run</h3>")
         parts.append(_table(["figure", "value"], [(esc(k), esc(_fmt_value(v))) for k, v in other.items()], "other"))
+    return "".join(parts)
+
+
+_PALETTE = ("#2f6f9f", "#d1733d", "#2f8f5b", "#8c4fb0", "#c2415b", "#6b7a8f", "#b59a1f", "#1f9aa5", "#7a5ea8",
+            "#e0609a", "#4a8f2f", "#9f5b2f")
+
+
+def svg_lines(t: Sequence[float], series: Sequence[tuple[str, Sequence[float]]], *, label: str,
+              width: int = 560, height: int = 190) -> str:
+    """Line chart as SVG: one polyline per (name, values) over the shared x values `t`, with a legend."""
+    pad_l, pad_r, pad_t, pad_b = 44, 120, 10, 26
+    plot_w, plot_h = width - pad_l - pad_r, height - pad_t - pad_b
+    series = [(n, [float(v) if isinstance(v, (int, float)) else 0.0 for v in vals][: len(t)]) for n, vals in series]
+    peak = max((max(v, default=0.0) for _, v in series), default=0.0) or 1.0
+    t0, t1 = (float(t[0]), float(t[-1])) if t else (0.0, 1.0)
+    span = (t1 - t0) or 1.0
+    parts = [f'<svg class="plot lines" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+             f'aria-label="{esc(label)}">',
+             f'<line class="axis" x1="{pad_l}" y1="{pad_t + plot_h}" x2="{pad_l + plot_w}" y2="{pad_t + plot_h}"/>',
+             f'<text class="tick" x="{pad_l - 4}" y="{pad_t + 8}" text-anchor="end">{esc(_num(peak, 3))}</text>',
+             f'<text class="tick" x="{pad_l - 4}" y="{pad_t + plot_h}" text-anchor="end">0</text>',
+             f'<text class="tick" x="{pad_l}" y="{height - 8}">{esc(_num(t0, 3))} s</text>',
+             f'<text class="tick" x="{pad_l + plot_w}" y="{height - 8}" text-anchor="end">{esc(_num(t1, 3))} s</text>']
+    for i, (name, vals) in enumerate(series):
+        colour = _PALETTE[i % len(_PALETTE)]
+        pts = " ".join(f"{pad_l + (float(x) - t0) / span * plot_w:.1f},{pad_t + plot_h - v / peak * plot_h:.1f}"
+                       for x, v in zip(t, vals, strict=False))
+        parts.append(f'<polyline class="series" points="{pts}" fill="none" stroke="{colour}" stroke-width="1.6">'
+                     f'<title>{esc(name)}: max {esc(_num(max(vals, default=0.0), 3))}</title></polyline>')
+        ly = pad_t + 10 + i * 13
+        parts.append(f'<rect x="{width - pad_r + 8}" y="{ly - 8}" width="10" height="3" fill="{colour}"/>'
+                     f'<text class="lab" x="{width - pad_r + 22}" y="{ly - 4}">{esc(name[:18])}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _metrics_html(metrics: dict[str, Any]) -> str:
+    """Per-stage throughput and queue depths of the last run (run.json `metrics`), whatever keys are present."""
+    stages = metrics.get("stages") if isinstance(metrics.get("stages"), dict) else {}
+    order = [s for s in (metrics.get("stage_order") or []) if s in stages] + sorted(
+        s for s in stages if s not in (metrics.get("stage_order") or []))
+    parts = []
+    if order:
+        cols = [("busy_s", "busy s"), ("rows_in", "rows in"), ("rows_out", "rows out"),
+                ("rows_per_busy_s", "rows / busy s"), ("video_s_per_busy_s", "video s / busy s"),
+                ("video_s_per_wall_s", "video s / wall s"), ("waiting_rows_max", "waiting max"),
+                ("waiting_rows_mean", "waiting mean"), ("running_rows_max", "running max"),
+                ("running_rows_mean", "running mean")]
+        body = []
+        for s in order:
+            m = stages[s] if isinstance(stages[s], dict) else {}
+            nodes = m.get("nodes")
+            body.append([esc(s)] + [esc(_num(m.get(k))) for k, _ in cols]
+                        + [esc(_fmt_value(nodes) if isinstance(nodes, dict) else "–")])
+        parts.append("<h3>Throughput per stage (last run)</h3>")
+        parts.append('<p class="note">busy s: seconds inside the stage summed over workers; video s / busy s: '
+                     'seconds of source video per busy second; waiting/running: rows queued for and inside the '
+                     'stage.</p>')
+        parts.append(_table(["stage"] + [esc(h) for _, h in cols] + ["nodes"], body, "metrics"))
+    queue = metrics.get("queue") if isinstance(metrics.get("queue"), dict) else {}
+    t = queue.get("t_s")
+    if isinstance(t, list) and len(t) >= 2:
+        videos = [(name.replace("_", " "), queue[key]) for key, name in
+                  (("videos_in_ray", "videos in Ray"), ("videos_awaiting_commit", "awaiting commit"))
+                  if isinstance(queue.get(key), list)]
+        waiting = queue.get("stage_waiting_rows") if isinstance(queue.get("stage_waiting_rows"), dict) else {}
+        waiting_series = [(s, waiting[s]) for s in order if isinstance(waiting.get(s), list)]
+        charts = []
+        if videos:
+            charts.append(f'<figure><figcaption><b>videos in flight</b></figcaption>'
+                          f'{svg_lines(t, videos, label="videos in flight over time")}</figure>')
+        if waiting_series:
+            charts.append(f'<figure><figcaption><b>rows waiting per stage</b></figcaption>'
+                          f'{svg_lines(t, waiting_series, label="rows waiting per stage over time")}</figure>')
+        if charts:
+            parts.append(f'<h3>Queue depth over time (last run)</h3><div class="cat-grid">{"".join(charts)}</div>')
+    simple = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    if simple:
+        parts.append(_table(["figure", "value"], [(esc(k), esc(_fmt_value(v))) for k, v in simple.items()], "other"))
     return "".join(parts)
 
 
@@ -986,4 +1068,4 @@ def write_report(out: str | os.PathLike, path: str | os.PathLike, cfg: ReportCon
 
 
 __all__ = ["ReportConfig", "ReportError", "ReportSummary", "build_report", "esc", "svg_bars", "svg_histogram",
-           "thresholds_for", "write_report"]
+           "svg_lines", "thresholds_for", "write_report"]

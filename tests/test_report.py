@@ -10,6 +10,7 @@ outside source may: the page must show all of it as text and run none of it.
 from __future__ import annotations
 
 import html
+import json
 import os
 import shutil
 import subprocess
@@ -119,8 +120,15 @@ def test_figures_match_the_shards(dataset, report_file):
     # the page is self-contained: nothing to fetch, a CSP that forbids fetching
     assert "http://" not in page and "https://" not in page
     assert "default-src &#x27;none&#x27;" in page
-    # stage timings from run.json
+    # stage timings, per-stage throughput and queue depths from run.json
     assert 'aria-label="seconds per stage"' in page and ">transcode<" in page
+    meta = json.loads((dataset / "run.json").read_text())
+    stages = meta["runs"][0]["metrics"]["stages"]
+    assert '<table class="metrics">' in page and "video s / busy s" in page
+    table = page[page.index('<table class="metrics">'):]
+    for name in stages:
+        assert f"<tr><td>{name}</td>" in table[: table.index("</table>")], name
+    assert 'aria-label="rows waiting per stage over time"' in page or len(meta["runs"][0]["metrics"]["queue"]["t_s"]) < 2
 
 
 @pytest.mark.slow
