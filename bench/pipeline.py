@@ -135,9 +135,11 @@ def run_pipeline(inputs: Path, out: Path) -> dict:
         raise SystemExit(f"clipmill run failed ({proc.returncode}):\n{stderr[-3000:]}")
     meta = json.loads((out / "run.json").read_text())
     prog = meta["runs"][-1]["progress"]
+    stages = (meta["runs"][-1].get("metrics") or {}).get("stages") or {}
     return {"wall_s": wall, "peak_rss_driver_mb": peak["driver"] / 2**20, "peak_rss_tree_mb": peak["tree"] / 2**20,
             "videos": prog["videos"], "clips": prog["clips"], "kept": prog["kept"],
-            "video_seconds": prog["video_seconds"], "stage_seconds": prog["stage_seconds"]}
+            "video_seconds": prog["video_seconds"], "stage_seconds": prog["stage_seconds"],
+            "stage_video_s_per_busy_s": {k: v.get("video_s_per_busy_s") for k, v in stages.items()}}
 
 
 # ----------------------------------------------------------------------------------------------- the report
@@ -379,7 +381,9 @@ def main() -> None:
                   f"clips {res['clips']} kept {res['kept']}; peak RSS driver {res['peak_rss_driver_mb']:.0f} MB, "
                   f"tree {res['peak_rss_tree_mb']:.0f} MB")
             for stage, sec in sorted(res["stage_seconds"].items(), key=lambda kv: -kv[1]):
-                print(f"      {stage:10s} {sec:8.2f} s  ({sec / max(res['video_seconds'], 1e-9) * 1000:.1f} ms per video-second)")
+                rate = res["stage_video_s_per_busy_s"].get(stage)
+                print(f"      {stage:10s} {sec:8.2f} s  ({sec / max(res['video_seconds'], 1e-9) * 1000:.1f} ms per "
+                      f"video-second" + (f"; {rate:.1f} video-s per busy s)" if rate else ")"))
     figures["rss_driver_ratio_50_vs_10"] = figures["n50"]["peak_rss_driver_mb"] / figures["n10"]["peak_rss_driver_mb"]
     figures["rss_tree_ratio_50_vs_10"] = figures["n50"]["peak_rss_tree_mb"] / figures["n10"]["peak_rss_tree_mb"]
     print(f"peak RSS 50 vs 10 inputs: driver x{figures['rss_driver_ratio_50_vs_10']:.2f}, "

@@ -130,6 +130,8 @@ def _num(v: Any, digits: int = 4) -> str:
         return "–"
     if isinstance(v, bool):
         return "yes" if v else "no"
+    if not isinstance(v, (int, float)):
+        return str(v)
     if isinstance(v, int):
         return f"{v:,}"
     av = abs(v)
@@ -255,14 +257,13 @@ def svg_bars(items: Sequence[tuple[str, float, str]], *, label: str, unit: str =
 
 def _filter_params(recipe: dict[str, Any] | None) -> dict[str, Any]:
     """The filter stage's parameters from a run.json recipe ({} when there is none)."""
-    for stage in (recipe or {}).get("stages", []) or []:
-        if isinstance(stage, dict) and isinstance(stage.get("filter"), dict):
-            return stage["filter"]
-    return {}
+    return _stage_params(recipe, "filter")
 
 
 def _stage_params(recipe: dict[str, Any] | None, name: str) -> dict[str, Any]:
-    for stage in (recipe or {}).get("stages", []) or []:
+    """Parameters of the recipe's stage `name` ({} when absent or malformed)."""
+    stages = (recipe or {}).get("stages")
+    for stage in stages if isinstance(stages, list) else []:
         if isinstance(stage, dict) and isinstance(stage.get(name), dict):
             return stage[name]
     return {}
@@ -606,14 +607,16 @@ def _distributions_html(f: _Figures) -> str:
 
 
 def _recipe_html(meta: dict[str, Any] | None, params: dict[str, Any]) -> str:
-    recipe = (meta or {}).get("recipe") or {}
+    recipe = (meta or {}).get("recipe")
+    recipe = recipe if isinstance(recipe, dict) else {}
     parts = []
     if recipe:
         parts.append(f'<p><b>{esc(recipe.get("name", "?"))}</b> <span class="sub">'
                      f'{esc(recipe.get("source", ""))}</span></p>')
         if recipe.get("description"):
             parts.append(f'<p class="desc">{esc(recipe["description"])}</p>')
-        stages = [next(iter(s)) for s in recipe.get("stages", []) if isinstance(s, dict) and s]
+        stage_list = recipe.get("stages") if isinstance(recipe.get("stages"), list) else []
+        stages = [next(iter(s)) for s in stage_list if isinstance(s, dict) and s]
         if stages:
             parts.append(f'<p>stages: {esc(" → ".join(str(s) for s in stages))}</p>')
     if params:
@@ -736,8 +739,9 @@ def svg_lines(t: Sequence[float], series: Sequence[tuple[str, Sequence[float]]],
 def _metrics_html(metrics: dict[str, Any]) -> str:
     """Per-stage throughput and queue depths of the last run (run.json `metrics`), whatever keys are present."""
     stages = metrics.get("stages") if isinstance(metrics.get("stages"), dict) else {}
-    order = [s for s in (metrics.get("stage_order") or []) if s in stages] + sorted(
-        s for s in stages if s not in (metrics.get("stage_order") or []))
+    given = metrics.get("stage_order") if isinstance(metrics.get("stage_order"), list) else []
+    order = [s for s in given if isinstance(s, str) and s in stages]
+    order += sorted(str(s) for s in stages if s not in order)
     parts = []
     if order:
         cols = [("busy_s", "busy s"), ("rows_in", "rows in"), ("rows_out", "rows out"),
@@ -758,7 +762,7 @@ def _metrics_html(metrics: dict[str, Any]) -> str:
         parts.append(_table(["stage"] + [esc(h) for _, h in cols] + ["nodes"], body, "metrics"))
     queue = metrics.get("queue") if isinstance(metrics.get("queue"), dict) else {}
     t = queue.get("t_s")
-    if isinstance(t, list) and len(t) >= 2:
+    if isinstance(t, list) and len(t) >= 2 and all(isinstance(x, (int, float)) for x in t):
         videos = [(name.replace("_", " "), queue[key]) for key, name in
                   (("videos_in_ray", "videos in Ray"), ("videos_awaiting_commit", "awaiting commit"))
                   if isinstance(queue.get(key), list)]
@@ -893,7 +897,12 @@ def build_report(out: str | os.PathLike, cfg: ReportConfig | None = None) -> tup
         meta = read_run_json(root)
     except (OSError, ValueError) as exc:
         raise ReportError(f"cannot read {root / 'run.json'}: {exc}") from exc
-    recipe = (meta or {}).get("recipe") if isinstance(meta, dict) else None
+    if meta is not None and not isinstance(meta, dict):
+        log.warning("%s is not a JSON object; the report leaves out the recipe and the run timings", root / "run.json")
+        meta = None
+    recipe = (meta or {}).get("recipe")
+    if not isinstance(recipe, dict):
+        recipe = None
     params = _filter_params(recipe)
     split = _stage_params(recipe, "split")
     summary = ReportSummary()

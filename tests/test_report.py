@@ -253,3 +253,24 @@ def test_cli_writes_the_report(dataset, tmp_path):
     assert dest.read_text(encoding="utf-8").startswith("<!doctype html>")
     assert f"wrote {dest}" in r.stdout and "gallery 2" in r.stdout
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("run_json", [
+    "[1, 2]",
+    '{"recipe": [1], "runs": "x", "versions": 3}',
+    '{"recipe": {"stages": "x", "name": "<b>r</b>"}, "runs": [1, {"progress": 2, "metrics": {"stages": {"a": 1}, '
+    '"stage_order": 5, "queue": {"t_s": [0, "x"]}}}]}',
+    '{"runs": [{"metrics": {"stages": {"a": {"busy_s": "x"}}, "stage_order": ["a"], "queue": {"t_s": [0, 1, 2], '
+    '"videos_in_ray": [1, "x"], "stage_waiting_rows": {"a": 5}}}}]}',
+    '{"runs": [{"argv": ["<script>window.__pwned=9</script>"], "started_at": 5, "progress": {"elapsed_s": 0, '
+    '"video_seconds": "a", "stage_seconds": [1], "clip_rejects": {"<i>": {"b": 1}}}, "global_steps": {"dedup": 5}}]}',
+])
+def test_malformed_run_json_is_tolerated(tmp_path, run_json):
+    out = tmp_path / "ds"
+    with ShardWriter(out) as w:
+        w.commit(pa.Table.from_pylist([{"video_id": "v1", "uri": "/in/a.mp4", "status": STATUS_REJECTED}]),
+                 CLIPS_SCHEMA.empty_table())
+    (out / "run.json").write_text(run_json)
+    page, _ = build_report(out)
+    assert page.startswith("<!doctype html>") and page.count("<script>") == 1
+    assert "<b>r</b>" not in page and "<i>" not in page and "window.__pwned=9</script>" not in page
