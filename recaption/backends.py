@@ -8,6 +8,7 @@ from clipmill.recaption.config import GenerationConfig
 from clipmill.recaption.textgen import TextBackend
 
 _CACHE: dict[tuple[str, bool, int | None], TextBackend] = {}
+_FAILED: dict[tuple[str, bool, int | None], str] = {}
 _LOCK = threading.Lock()
 
 
@@ -42,14 +43,29 @@ def make_backend(cfg: GenerationConfig, *, vision: bool, max_images: int | None 
     raise ValueError(f"backend {cfg.backend!r} is built in and has no model")
 
 
+class BackendUnavailable(RuntimeError):
+    """The backend could not be built (model not found, package missing, key not set); not retried in-process."""
+
+
 def get_backend(cfg: GenerationConfig, *, vision: bool, max_images: int | None = None,
                 image_side: int | None = None) -> TextBackend:
-    """The process-wide backend for `cfg` (built on first use, then reused)."""
+    """The process-wide backend for `cfg` (built on first use, then reused).
+
+    A backend that fails to build raises BackendUnavailable, and keeps raising it in this process without trying
+    again (a model that cannot be found is not found again for every batch).
+    """
     key = (cfg.backend_key() + f"|{image_side}", vision, max_images)
     with _LOCK:
+        if key in _FAILED:
+            raise BackendUnavailable(_FAILED[key])
         be = _CACHE.get(key)
         if be is None:
-            be = make_backend(cfg, vision=vision, max_images=max_images, image_side=image_side)
+            try:
+                be = make_backend(cfg, vision=vision, max_images=max_images, image_side=image_side)
+            except Exception as exc:  # noqa: BLE001 - any load failure: remembered, reported as one line
+                msg = f"{cfg.backend} backend for {cfg.model!r} could not be built: {type(exc).__name__}: {exc}"
+                _FAILED[key] = " ".join(msg.split())[:400]
+                raise BackendUnavailable(_FAILED[key]) from exc
             _CACHE[key] = be
         return be
 
@@ -60,3 +76,4 @@ def clear_backends() -> None:
         for be in _CACHE.values():
             be.close()
         _CACHE.clear()
+        _FAILED.clear()

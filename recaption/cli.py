@@ -85,6 +85,7 @@ def caption(out: str, recipe: str, where: str | None, all_clips: bool, redo: boo
     Shards are rewritten atomically one by one; interrupted, the same command resumes where it stopped
     (clips already captioned by the same model are skipped unless --redo).
     """
+    from clipmill.recaption.backends import BackendUnavailable  # noqa: PLC0415
     from clipmill.recaption.dataset import recaption_dataset  # noqa: PLC0415
     from clipmill.storage.query import QueryError  # noqa: PLC0415
     from clipmill.storage.shards import DatasetError  # noqa: PLC0415
@@ -99,7 +100,7 @@ def caption(out: str, recipe: str, where: str | None, all_clips: bool, redo: boo
         _fail(str(exc))
     except QueryError as exc:
         _fail(f"bad --where: {str(exc).splitlines()[0]}")
-    except (ValueError, ImportError, OSError) as exc:
+    except (BackendUnavailable, ValueError, ImportError, OSError) as exc:
         _fail(f"cannot caption: {exc}")
     except KeyboardInterrupt:
         click.echo(f"\nclipmill: interrupted; finished shards are committed. Run the same command again to resume "
@@ -127,12 +128,13 @@ def caption(out: str, recipe: str, where: str | None, all_clips: bool, redo: boo
 @click.option("--json", "as_json", is_flag=True, help="Print short, long and model as JSON.")
 def expand(prompt: str, recipe: str, as_json: bool) -> None:
     """Expand a short PROMPT into the dense kind of caption the model was trained on (what the sampler uses)."""
+    from clipmill.recaption.backends import BackendUnavailable  # noqa: PLC0415
     from clipmill.recaption.core import expand_prompt  # noqa: PLC0415
 
     _, exp, _ = _stage_configs(recipe, need_caption=False)
     try:
         res = expand_prompt(prompt, exp)
-    except (ValueError, ImportError, OSError) as exc:
+    except (BackendUnavailable, ValueError, ImportError, OSError) as exc:
         _fail(f"cannot expand: {exc}")
     if as_json:
         click.echo(json.dumps({"short": res.short, "long": res.long, "model": res.model, "error": res.error}))

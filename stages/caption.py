@@ -8,7 +8,8 @@ the columns earlier stages measured (duration, camera motion, OCR text, source c
 * `caption`: the caption (NULL for rejected clips, `kept` = false, and for failed ones);
 * `caption_model`: who wrote it: the model (hub id, path or server model name) or "clipmill/metadata";
 * `caption_error`: why captioning failed after the backend's retries (timeout, http 5xx, malformed reply,
-  context overflow); the clip and its video are still written, and `clipmill caption OUT --where
+  context overflow, or "backend unavailable: ..." when the model could not be loaded at all); the clip and its
+  video are still written, and `clipmill caption OUT --where
   "caption IS NULL"` retries later;
 * `dominant_colors`: the clip's dominant colour names (see recaption/facts.py for the palette).
 
@@ -19,13 +20,17 @@ their settings: recaption/config.py; the prompt: recaption/prompts.py.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 import pyarrow as pa
 
+from clipmill.recaption.backends import BackendUnavailable
 from clipmill.recaption.core import CaptionSettings, caption_clips
 from clipmill.stages.base import FrameSpec, RowStage, StageConfig
 from clipmill.stages.framesets import row_frames
+
+log = logging.getLogger(__name__)
 
 CAPTION = "caption"
 CAPTION_MODEL = "caption_model"
@@ -79,7 +84,14 @@ class Caption(RowStage):
         if not todo:
             return out
         clips = [(rows[i], row_frames(rows[i], FRAME_SET, self.name, 64)) for i in todo]
-        for i, res in zip(todo, caption_clips(clips, self.cfg), strict=True):
+        try:
+            results = caption_clips(clips, self.cfg)
+        except BackendUnavailable as exc:  # recorded per clip: the video is still written, captions retried later
+            log.warning("caption: %s", exc)
+            for i in todo:
+                out[i].update({CAPTION_MODEL: self.cfg.model, CAPTION_ERROR: f"backend unavailable: {exc}"})
+            return out
+        for i, res in zip(todo, results, strict=True):
             out[i].update({CAPTION: res.caption, CAPTION_MODEL: res.model, CAPTION_ERROR: res.error,
                            DOMINANT_COLORS: res.colours or None})
         return out

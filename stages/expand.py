@@ -9,12 +9,16 @@ expansion failed: the backend's error, or a reply without the SHORT:/LONG: lines
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from clipmill.recaption.core import ExpandSettings, expand_clips
+from clipmill.recaption.backends import BackendUnavailable
+from clipmill.recaption.core import ExpandedPrompt, ExpandSettings, expand_clips
 from clipmill.stages.base import RowStage, StageConfig
+
+log = logging.getLogger(__name__)
 
 PROMPT_SHORT = "prompt_short"
 PROMPT_LONG = "prompt_long"
@@ -44,8 +48,15 @@ class Expand(RowStage):
         return self.process_many([row])[0]
 
     def process_many(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        try:
+            results = expand_clips(rows, self.cfg)
+        except BackendUnavailable as exc:  # recorded per clip, like a failed reply
+            log.warning("expand: %s", exc)
+            results = [None if not r.get("caption") else ExpandedPrompt(None, None, str(self.cfg.model),
+                                                                         f"backend unavailable: {exc}")
+                       for r in rows]
         out = []
-        for row, res in zip(rows, expand_clips(rows, self.cfg), strict=True):
+        for row, res in zip(rows, results, strict=True):
             if res is None:
                 out.append(dict(row, **{PROMPT_SHORT: None, PROMPT_LONG: None, PROMPT_MODEL: None, PROMPT_ERROR: None}))
             else:

@@ -112,6 +112,34 @@ def test_context_overflow_is_an_error_not_a_crash(tiny):
     assert res[1].text is None and res[1].error.startswith("context overflow: prompt of ")
 
 
+def test_a_model_that_cannot_load_is_recorded_per_clip_and_refused_by_the_cli(tmp_path, frames):
+    from click.testing import CliRunner  # noqa: PLC0415
+
+    from clipmill.pipeline.cli import main as cli_main  # noqa: PLC0415
+    from clipmill.stages.caption import Caption, CaptionConfig  # noqa: PLC0415
+    from clipmill.stages.expand import Expand, ExpandConfig  # noqa: PLC0415
+
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    blob = np.stack(frames[0])
+    rows = [{"uri": "/v.mp4", "clip_index": 0, "kept": True, "frames_caption": blob.tobytes(),
+             "frames_caption_shape": list(blob.shape), "clip_duration_s": 1.0, "error": None}]
+    import pyarrow as pa  # noqa: PLC0415
+
+    out = Caption(CaptionConfig(backend="transformers", model=str(empty)))(pa.Table.from_pylist(rows))
+    row = out.to_pylist()[0]
+    assert row["error"] is None and row["caption"] is None
+    assert row["caption_error"].startswith("backend unavailable: transformers backend for")
+    row2 = Expand(ExpandConfig(backend="transformers", model=str(empty)))(
+        pa.Table.from_pylist([dict(row, caption="A cat.")])).to_pylist()[0]
+    assert row2["error"] is None and row2["prompt_error"].startswith("backend unavailable")
+    rp = tmp_path / "r.yaml"
+    rp.write_text(json.dumps({"name": "r", "stages": ["probe", "split", "transcode", "frames", {"caption": {
+        "backend": "transformers", "model": str(empty)}}, {"expand": {"backend": "transformers", "model": str(empty)}}]}))
+    r = CliRunner().invoke(cli_main, ["expand", "a cat", "--recipe", str(rp)])
+    assert r.exit_code == 2 and r.output.startswith("clipmill: error: cannot expand: transformers backend")
+
+
 class FaultyHandler(ChatHandler):
     """Injects the next fault of `server.app.faults` ("timeout", "500", "garbage", "context") before replying."""
 
