@@ -8,12 +8,16 @@ What the page shows: totals and the funnel (inputs -> readable -> clips -> kept,
 dropped by reason; clip rejects by reason; a histogram of every score (kept and dropped stacked) with the
 recipe's `min_*` / `max_*` thresholds drawn on it; a gallery of sampled kept clips (thumbnail, plays on
 hover/click, caption, prompts, OCR text, scores); a sample of dropped clips for each reject reason;
-duration, aspect, resolution, fps and camera-motion distributions; the recipe's thresholds; the stage
-timings and other per-stage figures of each run recorded in run.json (missing keys are tolerated).
+duration, aspect, resolution, fps and camera-motion distributions; the recipe's thresholds; each run's
+stage seconds, and the last run's per-stage throughput and queue depths (run.json `metrics`). run.json
+may be missing or malformed: what cannot be read is left out.
 
 Large datasets: every count and histogram is aggregated by DuckDB over the committed shards (the views of
-`storage/query.py`); Python only ever holds the sampled rows. The gallery is a deterministic sample
-(ordered by md5(clip_id)), so the page's size does not grow with the dataset. Size bound: at most
+`storage/query.py`): one pass copies the small columns (scores, flags, reasons, each clip's file and row)
+into in-memory temp tables, and every aggregate runs there; Python only ever holds the sampled rows. The
+samples are deterministic (md5 order) and drawn by row group, so their thumbnails and video are read, with
+pyarrow, from a few row groups instead of the whole media column; the page's size does not grow with the
+dataset. Memory: the small columns of every clip (about 150 bytes a clip), plus the sampled rows. Size bound: at most
 `gallery + per_reason * max_reasons` thumbnails (240 by default), and embedded MP4 bytes capped at
 `max_media_mb` (40 MB by default, 4/3 of that as base64); clips beyond the cap or over `max_clip_mb`
 show their thumbnail only, and the page says so.
@@ -53,7 +57,7 @@ log = logging.getLogger(__name__)
 
 _TEMPLATE = Path(__file__).with_name("report_template.html")
 
-# Score columns shown in the card of a clip, with their number format.
+# Score columns shown in the card of a clip.
 _CARD_SCORES = ("sharpness", "brisque", "exposure", "motion_score", "text_area", "nsfw_score", "aesthetic_score",
                 "brightness", "contrast")
 # Columns fetched for the sampled clips (never for all clips).
