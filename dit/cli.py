@@ -76,7 +76,7 @@ def train_command(dataset, run, **opts) -> None:
 @click.command("sample")
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--prompt", required=True, help="What the video shows.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="MP4 to write.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="MP4 to write (.mp4).")
 @click.option("--frames", type=int, default=None, help="Frames to generate (default: the training length).")
 @click.option("--height", type=int, default=None)
 @click.option("--width", type=int, default=None)
@@ -92,23 +92,29 @@ def train_command(dataset, run, **opts) -> None:
 @click.option("--last", type=click.Path(exists=True, dir_okay=False), help="Last frame of an infill.")
 @click.option("--no-ema", is_flag=True, help="Use the raw weights instead of the EMA.")
 @click.option("--c2pa-cert", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="PEM certificate chain signing the C2PA manifest (default: the bundled signer).")
+              help="PEM certificate chain signing the C2PA manifest (default: CLIPMILL_C2PA_CERT, else a local one).")
 @click.option("--c2pa-key", type=click.Path(exists=True, dir_okay=False), default=None,
               help="PEM private key of --c2pa-cert.")
 def sample_command(run, prompt, output, frames, height, width, steps, cfg, seed, fps, expand, image, video, extend,
                    first, last, no_ema, c2pa_cert, c2pa_key) -> None:
     """Generate a video from RUN: text-to-video, --image (i2v), --video --extend, --first --last (infill)."""
+    if not output.lower().endswith(".mp4"):
+        _fail(f"--output must be an .mp4 file, got {output}")
     if bool(video) != bool(extend):
         _fail("--video and --extend go together (--video clip.mp4 --extend forward|backward)")
     if bool(first) != bool(last):
         _fail("--first and --last go together (the two frames to fill between)")
     if sum(bool(x) for x in (image, video, first)) > 1:
         _fail("choose one of --image, --video/--extend, --first/--last")
-    if bool(c2pa_cert) != bool(c2pa_key):
-        _fail("--c2pa-cert and --c2pa-key go together")
     _show_progress()
     try:
-        from clipmill.dit.mark import GenerationRefused, check_prompt, write_generated_video  # noqa: PLC0415
+        from clipmill.dit.mark import (  # noqa: PLC0415
+            GenerationRefused,
+            MarkError,
+            SignerConfig,
+            check_prompt,
+            write_generated_video,
+        )
     except ImportError as exc:
         _fail(f"the marking module (clipmill.dit.mark) is unavailable: {exc}")
     from clipmill.dit import sample as dit_sample  # noqa: PLC0415
@@ -130,7 +136,10 @@ def sample_command(run, prompt, output, frames, height, width, steps, cfg, seed,
             check_prompt(prompt_used)
     except GenerationRefused as exc:
         _fail(f"refused: {exc}")
-    signer = _signer(c2pa_cert, c2pa_key)
+    try:
+        signer = SignerConfig.resolve(c2pa_cert, c2pa_key)
+    except MarkError as exc:
+        _fail(str(exc))
     try:
         sampler = Sampler(run, ema=not no_ema)
         kw = {"frames": frames, "height": height, "width": width, "steps": steps, "cfg": cfg, "seed": seed}
@@ -146,7 +155,7 @@ def sample_command(run, prompt, output, frames, height, width, steps, cfg, seed,
         info = write_generated_video(out, fps or sampler.fps, output, prompt=prompt, model=sampler.name,
                                      signer=signer, extra={"prompt_used": prompt_used, "seed": seed,
                                                            "steps": steps, "cfg": cfg})
-    except SampleError as exc:
+    except (SampleError, MarkError) as exc:
         _fail(str(exc))
     except GenerationRefused as exc:
         _fail(f"refused: {exc}")
@@ -154,14 +163,3 @@ def sample_command(run, prompt, output, frames, height, width, steps, cfg, seed,
                            "width": int(out.shape[2]), **{k: v for k, v in (info or {}).items()
                                                           if isinstance(v, str | int | float | bool)}}))
 
-
-def _signer(cert, key):
-    """The signer argument of write_generated_video for user PEM files (None = the module's default)."""
-    if not cert:
-        return None
-    from clipmill.dit import mark  # noqa: PLC0415
-
-    make = getattr(mark, "signer_from_files", None)
-    if make is None:
-        _fail("this build's marking module cannot take a user certificate; omit --c2pa-cert/--c2pa-key")
-    return make(cert, key)

@@ -216,6 +216,9 @@ class VAELatent:
                 raise ValueError(f"a video VAE with temporal compression {self.t_down} needs 1 + k*{self.t_down} "
                                  f"frames, got {t}")
             z = self.model.encode(x).latent_dist.mean
+            if z.shape[2] != self.latent_frames(t):
+                raise EncoderError(f"the video VAE turned {t} frames into {z.shape[2]} latent frames, not the "
+                                   f"{self.latent_frames(t)} its temporal_compression_ratio {self.t_down} implies")
         else:
             frames = x.permute(0, 2, 1, 3, 4).reshape(n * t, 3, h, w)
             z = self.model.encode(frames).latent_dist.mean
@@ -228,7 +231,8 @@ class VAELatent:
         z = latent.float().to(self.device) / self.scale + self.shift
         n, c, t, h, w = z.shape
         if self.video:
-            x = self.model.decode(z).sample  # (N, 3, T, H, W)
+            # CogVideoX decodes an even latent count to 4 frames each; keep the 1 + (T' - 1) r frames asked for
+            x = self.model.decode(z).sample[:, :, : self.pixel_frames(t)]  # (N, 3, T, H, W)
         else:
             x = self.model.decode(z.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)).sample
             x = x.view(n, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from clipmill.dit.data import fit_frames
-from clipmill.dit.encoders import EncoderSpec, TextEncoder, latent_encoder
+from clipmill.dit.encoders import EncoderError, EncoderSpec, TextEncoder, latent_encoder
 from clipmill.dit.model import DiT, DiTConfig, sample_flow
 from clipmill.dit.train import CHECKPOINT, RUN_JSON, TrainError, read_checkpoint
 
@@ -52,8 +52,11 @@ class Sampler:
         prefix = "ema." if ema else "model."
         self.model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         self.model.eval().requires_grad_(False).to(self.device)
-        self.text_encoder = TextEncoder(self.spec, self.device)
-        self.latent = latent_encoder(self.spec, self.device)
+        try:
+            self.text_encoder = TextEncoder(self.spec, self.device)
+            self.latent = latent_encoder(self.spec, self.device)
+        except EncoderError as exc:
+            raise SampleError(str(exc)) from exc
 
     def check_size(self, frames: int, height: int, width: int) -> None:
         """Raise SampleError unless the model can generate (frames, height, width)."""
@@ -86,7 +89,10 @@ class Sampler:
             mask[0, index] = 1
         cond, frame_mask = None, None
         if given:
-            cond = self.latent.encode(torch.from_numpy(video)).to(self.device)
+            try:
+                cond = self.latent.encode(torch.from_numpy(video)).to(self.device)
+            except EncoderError as exc:
+                raise SampleError(str(exc)) from exc
             frame_mask = self.latent.latent_frame_mask(mask).to(self.device)
         tokens, text_mask = self.text_encoder.encode([prompt])
         tokens, text_mask = tokens.to(self.device), text_mask.to(self.device)

@@ -159,7 +159,10 @@ def train(cfg: TrainConfig) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     if cfg.num_workers >= 1:
         return _train_ray(cfg)
-    return _train_worker(cfg, rank=0, world=1)
+    try:
+        return _train_worker(cfg, rank=0, world=1)
+    except (EncoderError, DataError) as exc:  # e.g. a clip the autoencoder cannot take
+        raise TrainError(str(exc)) from exc
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -180,7 +183,8 @@ def _train_worker(cfg: TrainConfig, rank: int, world: int, device: torch.device 
     except (EncoderError, DataError) as exc:
         raise TrainError(str(exc)) from exc
     base = preset(cfg.preset)
-    mcfg = preset(cfg.preset, in_channels=latent.channels, text_dim=text_encoder.dim,
+    patch = (1, *base.patch[1:]) if latent.t_down > 1 else base.patch  # a video VAE already compresses time
+    mcfg = preset(cfg.preset, in_channels=latent.channels, text_dim=text_encoder.dim, patch=patch,
                   frames=cfg.frames or base.frames, size=cfg.size or base.size)
     buckets, counts = plan_buckets(
         clips, size=mcfg.size, frames=mcfg.frames, multiple=mcfg.patch[1] * latent.s_down, t_multiple=mcfg.patch[0],
@@ -200,7 +204,7 @@ def _train_worker(cfg: TrainConfig, rank: int, world: int, device: torch.device 
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
     step, history = 0, []
     if cfg.resume:
-        meta = load_checkpoint(run / CHECKPOINT, model, ema, opt, gens={rank: gen})
+        meta = load_checkpoint(run / CHECKPOINT, model, ema, opt, gens={rank: gen}, world=world)
         step, history = meta["step"], meta["losses"]
         sampler.load_state(meta["sampler"])
         log.info("resumed %s at step %d", run, step)
@@ -353,8 +357,13 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def load_checkpoint(path: Path, model=None, ema=None, opt=None, gens: dict[int, torch.Generator] | None = None):
-    """Load what is asked for (model, EMA, optimizer, generators by rank) from `path`; return the metadata."""
+def load_checkpoint(path: Path, model=None, ema=None, opt=None, gens: dict[int, torch.Generator] | None = None,
+                    world: int | None = None):
+    """Load what is asked for (model, EMA, optimizer, generators by rank) from `path`; return the metadata.
+
+    With `world`, refuse a checkpoint written by a different number of workers (the data order and the
+    per-rank noise would not continue exactly).
+    """
     tensors, meta = read_checkpoint(path)
     for prefix, module in (("model.", model), ("ema.", ema)):
         if module is not None:
@@ -366,6 +375,9 @@ def load_checkpoint(path: Path, model=None, ema=None, opt=None, gens: dict[int, 
                 _, pid, name = key.split(".", 2)
                 state.setdefault(int(pid), {})[name] = value
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if gens is not None and world is not None and meta.get("world", 1) != world:
+        raise TrainError(f"checkpoint {path} was saved by {meta.get('world', 1)} worker(s), this run has {world}; "
+                         f"resume with the same --num-workers")
     for r, gen in (gens or {}).items():
         if f"rng.{r}" not in tensors:
             raise TrainError(f"checkpoint {path} has no generator state for rank {r} (saved with "
@@ -430,4 +442,7 @@ def _train_ray(cfg: TrainConfig) -> dict:
         while getattr(cause, "__cause__", None) is not None:
             cause = cause.__cause__
         raise TrainError(f"distributed training failed: {type(cause).__name__}: {cause}") from exc
-    return dict(result.metrics or {})
+    _, meta = read_checkpoint(run / CHECKPOINT)  # rank 0's figures, whatever Ray kept of the reports
+    summary = {"step": meta["step"], "loss": meta["losses"][-1][1] if meta["losses"] else float("nan"),
+               "workers": meta["world"]}
+    return {**summary, **{k: v for k, v in (result.metrics or {}).items() if k not in summary}}
