@@ -90,6 +90,25 @@ class ExpandedPrompt:
     tokens: int = 0
 
 
+def load_backend(settings: CaptionSettings | ExpandSettings) -> None:
+    """Build (and cache in this process) the backend `settings` name, so the first batch does not pay for it.
+
+    Does nothing for the built-in writers. A backend that cannot be built is remembered as unavailable
+    (see backends.get_backend) and reported per clip when clips arrive; this function never raises for it.
+    """
+    from clipmill.recaption.backends import BackendUnavailable  # noqa: PLC0415
+
+    if settings.builtin:
+        return
+    try:
+        if isinstance(settings, CaptionSettings):
+            _vision_backend(settings)
+        else:
+            _text_backend(settings)
+    except BackendUnavailable as exc:
+        log.warning("%s", exc)
+
+
 def _vision_backend(s: CaptionSettings) -> Any:
     from clipmill.recaption.backends import get_backend  # noqa: PLC0415
 

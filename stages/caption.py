@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from clipmill.recaption.backends import BackendUnavailable
-from clipmill.recaption.core import CaptionSettings, caption_clips
+from clipmill.recaption.core import CaptionSettings, caption_clips, load_backend
 from clipmill.stages.base import FrameSpec, RowStage, StageConfig
 from clipmill.stages.framesets import row_frames
 
@@ -73,6 +73,10 @@ class Caption(RowStage):
     batch_size: ClassVar[int] = 8
 
     cfg: CaptionConfig
+
+    def __init__(self, cfg: StageConfig | None = None) -> None:
+        super().__init__(cfg)
+        load_backend(self.cfg)  # once per worker, outside the timed per-batch calls; failures surface per clip
 
     def process(self, row: dict[str, Any]) -> dict[str, Any]:
         return self.process_many([row])[0]

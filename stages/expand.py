@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from clipmill.recaption.backends import BackendUnavailable
-from clipmill.recaption.core import ExpandedPrompt, ExpandSettings, expand_clips
+from clipmill.recaption.core import ExpandedPrompt, ExpandSettings, expand_clips, load_backend
 from clipmill.stages.base import RowStage, StageConfig
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,10 @@ class Expand(RowStage):
     batch_size: ClassVar[int] = 16
 
     cfg: ExpandConfig
+
+    def __init__(self, cfg: StageConfig | None = None) -> None:
+        super().__init__(cfg)
+        load_backend(self.cfg)  # once per worker, outside the timed per-batch calls; failures surface per clip
 
     def process(self, row: dict[str, Any]) -> dict[str, Any]:
         return self.process_many([row])[0]
