@@ -45,7 +45,6 @@ by paraphrase, and it judges English only.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -101,7 +100,7 @@ class GenerationRefused(Exception):  # noqa: N818 - the sampler's contract names
         self.score = score
 
 
-class MarkError(Exception):
+class MarkError(ValueError):
     """A marking step failed (bad signing credentials, unreadable file); the message says what to do."""
 
 
@@ -598,7 +597,9 @@ def write_generated_video(frames: Any, fps: float, path: str | Path, *, prompt: 
         raise ValueError(f"fps must be positive, got {fps}")
     path = Path(path)
     if path.suffix.lower() != ".mp4":
-        raise ValueError(f"generated video must be written as .mp4, got {path.name}")
+        raise MarkError(f"generated video must be written as .mp4, got {path.name}")
+    if path.is_dir():
+        raise MarkError(f"{path} is a directory; give the output file name")
     scores = nsfw_scores(frames)
     top = float(scores.max())
     if top > nsfw_threshold:
@@ -618,8 +619,11 @@ def write_generated_video(frames: Any, fps: float, path: str | Path, *, prompt: 
     else:
         marked = embed_watermark(frames, bits)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, raw_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".raw.mp4", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, raw_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".raw.mp4", dir=path.parent)
+    except OSError as exc:
+        raise MarkError(f"cannot write {path}: {exc}") from exc
     os.close(fd)
     raw, signed = Path(raw_name), Path(raw_name[:-len(".raw.mp4")] + ".signed.mp4")
     try:
@@ -649,7 +653,10 @@ def write_generated_video(frames: Any, fps: float, path: str | Path, *, prompt: 
         if not reason:
             read = decode_watermark(_decode_frames(signed)[0], bits)
             info["watermark"].update(bit_accuracy=read["bit_accuracy"], detected=read["detected"])
-        os.replace(signed, path)
+        try:
+            os.replace(signed, path)
+        except OSError as exc:
+            raise MarkError(f"cannot write {path}: {exc}") from exc
         fsync_dir(path.parent)
         info["sha256"] = file_sha256(path)
         return info
@@ -762,7 +769,9 @@ def check_generated(path: str | Path, *, trust_anchors: str | Path | None = None
             expected = _to_bits(int(wm_meta["payload"], 16), PAYLOAD_BITS)
         except ValueError:
             expected = None
-    result: dict[str, Any] = {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    from clipmill.storage.shards import file_sha256  # noqa: PLC0415
+
+    result: dict[str, Any] = {"file": str(path), "sha256": file_sha256(path),
                               "width": w, "height": h, "frames": total, "c2pa": c2}
     if min(h, w) < 8:
         result["watermark"] = {"detected": False, "reason": f"frames of {w}x{h} are too small to read"}

@@ -339,3 +339,14 @@ def test_vectorised_watermark_reading_equals_the_library(bikes):
     assert [list(map(int, v)) for v in lib] == [ours[i::mark.PAYLOAD_BITS].tolist() for i in
                                                  range(mark.PAYLOAD_BITS)]
     assert mark.decode_watermark([frame], mark.watermark_payload(99))["bit_accuracy"] == 1.0
+
+
+def test_bad_output_paths_are_clear_errors(tmp_path, bikes, signer):
+    with pytest.raises(MarkError, match=r"\.mp4"):
+        write_generated_video(bikes[:2], 25, tmp_path / "out.avi", prompt="x", model="m", signer=signer)
+    (tmp_path / "dir.mp4").mkdir()
+    with pytest.raises(MarkError, match="directory"):
+        write_generated_video(bikes[:2], 25, tmp_path / "dir.mp4", prompt="x", model="m", signer=signer)
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        write_generated_video(bikes[:2].astype(np.float32), 25, tmp_path / "f.mp4", prompt="x", model="m",
+                              signer=signer)
