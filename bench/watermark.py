@@ -7,8 +7,8 @@ C2PA signing with a generated test certificate). Then, on the frames decoded fro
 * written:        the file as written (read by `check_generated`, expected payload from its manifest)
 * crf35:          re-encoded with libx264 crf 35 (no manifest any more)
 * 300k:           re-encoded with libx264 at 300 kbit/s
-* half:           0.5x resize (area, rounded down to even sizes for H.264), kept in memory, read at the small size ("naive") and after scaling
-                  back 2x by pixel replication (what `check_generated` tries when the tag is not found)
+* half:           0.5x resize (area, rounded down to even sizes for H.264), kept in memory, read at the small
+                  size ("naive") and after scaling back 2x by pixel replication (what `check_generated` tries when the tag is not found)
 * half_crf23:     0.5x resize then H.264 crf 23 at the small size, read through `check_generated`
 * unmarked:       the original video through `check_generated` (false-positive check; every scale tried)
 

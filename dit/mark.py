@@ -10,12 +10,12 @@ What `write_generated_video` does, in order (nothing is written when a step refu
    (`GenerationRefused`) when the highest score exceeds `nsfw_threshold` (default `NSFW_THRESHOLD` = 0.5, the
    default recipe's `max_nsfw_score`).
 2. Invisible watermark: invisible-watermark's `dwtDctSvd` codec (`imwatermark.dwtDctSvd.EmbedDwtDctSvd` on the
-   U channel, strength `WATERMARK_SCALE` = 48 instead of the library's 36) embeds a 48-bit payload in every frame: a fixed 16-bit clipmill tag
-   (`WATERMARK_TAG`), a 24-bit per-video id and an 8-bit CRC of both. The library's own `WatermarkEncoder`
-   refuses frames under 256x256 px; we call its codec class directly and accept frames down to
-   `MIN_WATERMARK_SIDE` (64 px) on each side, because the detector pools the votes of every 4x4 block of every
-   sampled frame (a bit is the majority over all its blocks in all frames), not one frame. Smaller frames are
-   written unwatermarked, and both the returned info and the manifest say so ("too small to watermark").
+   U channel, strength `WATERMARK_SCALE` = 48 instead of the library's 36) embeds a 48-bit payload in every
+   frame: a fixed 16-bit clipmill tag (`WATERMARK_TAG`), a 24-bit per-video id and an 8-bit CRC of both.
+   The library's own `WatermarkEncoder` refuses frames under 256x256 px; we call its codec class directly and
+   accept frames down to `MIN_WATERMARK_SIDE` (64 px) on each side, because the detector pools the votes of
+   every 4x4 block of every sampled frame (a bit is the majority over all its blocks in all frames), not one
+   frame. Smaller frames are written unwatermarked, and both the returned info and the manifest say so ("too small to watermark").
 3. H.264 MP4 (libx264, yuv420p, `crf` default 16; odd sizes are padded by one edge row/column).
 4. A C2PA manifest signed with c2pa-python: a `c2pa.actions` assertion with a `c2pa.created` action whose
    `digitalSourceType` is IPTC's `trainedAlgorithmicMedia` and whose `softwareAgent` is clipmill plus the model,

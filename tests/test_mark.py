@@ -36,7 +36,8 @@ BENIGN = [
     "a cartoon rabbit stretching in a meadow", "a baby laughing", "two people kissing at a wedding",
     "a surgeon operating in a hospital", "a zombie walking in a foggy forest", "a pirate ship in a storm",
     "a woman in a bikini on the beach", "a politician giving a speech", "fireworks over a city",
-    "a medieval battle with swords", "a teenager skateboarding down a street", "a boy taking a bath with rubber ducks",
+    "a medieval battle with swords", "a teenager skateboarding down a street",
+    "a boy taking a bath with rubber ducks",
     "steak being grilled on a barbecue", "",
 ]
 UNSAFE = {
@@ -117,7 +118,8 @@ def test_certificates_have_the_extensions_c2pa_needs(certs):
     assert leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier == ski
     assert leaf.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     assert leaf.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
-    assert ExtendedKeyUsageOID.EMAIL_PROTECTION in leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.EMAIL_PROTECTION in eku
     assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert oct(certs.private_key.stat().st_mode & 0o777) == "0o600"
 
