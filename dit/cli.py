@@ -155,7 +155,7 @@ def sample_command(run, prompt, output, frames, height, width, steps, cfg, seed,
         info = write_generated_video(out, fps or sampler.fps, output, prompt=prompt, model=sampler.name,
                                      signer=signer, extra={"prompt_used": prompt_used, "seed": seed,
                                                            "steps": steps, "cfg": cfg})
-    except (SampleError, MarkError) as exc:
+    except (SampleError, MarkError, ValueError) as exc:  # SampleError is a ValueError: bad sizes, fps, files
         _fail(str(exc))
     except GenerationRefused as exc:
         _fail(f"refused: {exc}")

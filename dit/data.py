@@ -144,8 +144,11 @@ def decode_mp4(media: bytes) -> np.ndarray:
     """All frames of an MP4 as uint8 (T, H, W, 3) RGB."""
     import av  # noqa: PLC0415
 
-    with av.open(io.BytesIO(media)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    try:
+        with av.open(io.BytesIO(media)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise DataError(f"cannot decode clip media: {exc}") from exc
     if not frames:
         raise DataError("clip has no decodable frames")
     return np.stack(frames)
@@ -183,7 +186,10 @@ class ClipDataset:
             self.cache.move_to_end(i)
             return self.cache[i]
         _, h, w = self.buckets[i]
-        video = fit_frames(decode_mp4(self.clips[i].media), h, w)
+        try:
+            video = fit_frames(decode_mp4(self.clips[i].media), h, w)
+        except DataError as exc:
+            raise DataError(f"clip {self.clips[i].clip_id}: {exc}; run `clipmill verify` on the dataset") from exc
         self.cache[i] = video
         self.cache_bytes += video.nbytes
         while self.cache_bytes > self.cache_limit and len(self.cache) > 1:
