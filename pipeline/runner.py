@@ -502,7 +502,7 @@ class _Target:
 
     def published(self, record: CommitRecord) -> None:
         if self.remote is not None:
-            self.remote.publish_commit(self.local, record.shard)
+            self.remote.publish_commit(self.local, record.shard, drop_local=True)
 
     def run_json_written(self, strict: bool = False) -> None:
         if self.remote is not None:
@@ -555,6 +555,7 @@ def run(
     if target.remote is not None:
         with ShardWriter(local):
             target.remote.push(local, prune=True)
+            target.remote.drop_local_data(local)
             target.run_json_written()
     return stats
 

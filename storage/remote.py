@@ -10,8 +10,9 @@ in CLIPMILL_STORAGE_OPTIONS (e.g. `{"endpoint_url": "http://127.0.0.1:9000"}`; a
 A remote OUT: object stores have no atomic rename, so a run writes a local *staging* copy of the dataset with
 the normal atomic machinery (storage/shards.py) and `RemoteDataset.push` publishes each commit by uploading its
 data files first and its commit record LAST. As on a local disk, the record is the commit point: readers and
-resumed runs trust only the files that remote records name. A crash mid-publish leaves at most data files that
-no record names; they are overwritten by the next commit of that shard number and removed by the final sync.
+resumed runs trust only the files that remote records name. Published data files are deleted from the staging copy
+(it keeps the records), so it needs room for about one shard; whole-dataset steps (dedup) download the shards
+again. A crash mid-publish leaves at most data files that no record names; they are overwritten by the next commit of that shard number and removed by the final sync.
 `RemoteDataset.pull` makes a local folder mirror the remote's committed state (records and run.json; data files
 too when asked); the remote is the truth, so a local record the remote lacks (a commit that was never
 published) is dropped and its videos run again. One writer per remote OUT: there is no remote lock.
@@ -336,12 +337,14 @@ class RemoteDataset:
             raise self._guard("publish to", exc) from exc
         return sent
 
-    def publish_commit(self, local: Path, shard: str) -> None:
-        """Publish one new local commit: its data files first, then its record (the commit point)."""
+    def publish_commit(self, local: Path, shard: str, *, drop_local: bool = False) -> None:
+        """Publish one new local commit: its data files first, then its record (the commit point). With
+        `drop_local` the local data files are deleted once published (the staging copy keeps only records)."""
         name = f"{shard}.json"
         try:
             raw = (Path(local) / COMMITS / name).read_bytes()
-            for sf in CommitRecord.from_json(json.loads(raw)).files.values():
+            files = CommitRecord.from_json(json.loads(raw)).files.values()
+            for sf in files:
                 src = Path(local) / sf.path
                 if not src.exists():
                     src = src.with_name(f".{src.name}.tmp")  # renamed after the record; same bytes
@@ -351,6 +354,18 @@ class RemoteDataset:
         except Exception as exc:  # noqa: BLE001 - OSError, botocore/gcsfs errors: one line
             raise self._guard("publish to", exc) from exc
         self._records[name] = raw
+        if drop_local:
+            for sf in files:
+                (Path(local) / sf.path).unlink(missing_ok=True)
+
+    def drop_local_data(self, local: Path) -> None:
+        """Delete the local data files of records the remote holds unchanged (what a staging copy can forget:
+        `fetch_data` brings them back when a whole-dataset step needs them)."""
+        for p in sorted((Path(local) / COMMITS).glob("part-*.json")):
+            raw = p.read_bytes()
+            if self._records.get(p.name) == raw:
+                for sf in CommitRecord.from_json(json.loads(raw)).files.values():
+                    (Path(local) / sf.path).unlink(missing_ok=True)
 
     def _rm_quiet(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):

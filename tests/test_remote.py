@@ -245,13 +245,13 @@ def test_s3_inputs_into_s3_out_equal_a_local_run(ray_session, s3, videos, small_
     real = remote.RemoteDataset.publish_commit
     calls = []
 
-    def flaky(self, local, shard):
+    def flaky(self, local, shard, **kw):
         calls.append(shard)
         if len(calls) == 2:
             for sf in json.loads((Path(local) / COMMITS / f"{shard}.json").read_text())["files"].values():
                 self.fs.put_file(str(Path(local) / sf["path"]), self._path(sf["path"]))
             raise DatasetError("publish interrupted (test)")
-        return real(self, local, shard)
+        return real(self, local, shard, **kw)
 
     monkeypatch.setattr(remote.RemoteDataset, "publish_commit", flaky)
     with pytest.raises(DatasetError, match="interrupted"):
@@ -263,6 +263,8 @@ def test_s3_inputs_into_s3_out_equal_a_local_run(ray_session, s3, videos, small_
     stats = run(remote_items, out, small_recipe, argv=argv)  # resume
     assert stats.skipped == 1 and stats.total == 2
 
+    staging = remote.RemoteDataset(out).local_dir("staging")
+    assert len(read_commits(staging)) == 3 and not list(staging.glob("*/*.parquet"))  # published: records only
     copy = remote.local_copy(out, fresh=True)
     assert _summary(copy) == _summary(ref)
     v, c = _summary(copy)
