@@ -247,6 +247,8 @@ def build_plan(items: list[InputItem], recipe: Recipe) -> Any:
     if not log.isEnabledFor(logging.INFO):  # Ray Data's plan/progress chatter only with -v
         logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx.enable_progress_bars = ray_progress_bars()
+    if ctx.enable_progress_bars:
+        ctx.use_ray_tqdm = False  # plain tqdm on this process's stderr (Ray's own tqdm goes through worker logs)
     ctx.max_errored_blocks = -1  # a block lost after retries is ledgered `failed` by the driver, not fatal
     # One block per video, typed with INPUT_SCHEMA (so an all-NULL column is still a string column).
     blocks = [pa.Table.from_pylist([{"uri": it.uri, "source_caption": it.source_caption, "error": None}],
