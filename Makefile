@@ -30,6 +30,10 @@ bench: setup
 	$(PY) bench/scores.py
 	$(PY) bench/dedup.py
 	$(PY) bench/faults.py
+	$(PY) bench/export.py
+	$(PY) bench/caption.py
+	$(PY) bench/watermark.py
+	$(PY) bench/toy_t2v.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
