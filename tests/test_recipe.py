@@ -10,12 +10,12 @@ from clipmill.pipeline.recipe import RecipeError, bundled_recipes, load_recipe, 
 def test_default_recipe_loads_and_orders_stages():
     rec = load_recipe("default")
     assert [s.name for s in rec.stages] == ["probe", "split", "transcode", "frames", "quality", "motion", "ocr",
-                                            "safety", "embedding", "filter", "dedup"]
+                                            "safety", "embedding", "filter", "caption", "expand", "dedup"]
     assert rec.stage("split").config.min_s == 2.0
     assert {"default", "full"} <= set(bundled_recipes())
     # the frames stage decodes every frame set that later stages declare, once per clip
     assert {e.name for e in rec.stage("frames").config.extra_sets} == {"quality", "quality_seq", "motion", "ocr",
-                                                                       "safety"}
+                                                                       "safety", "caption"}
 
 
 def test_full_recipe_validates_without_loading_weights():
