@@ -33,7 +33,7 @@ def render(color: str, direction: str, shape: str = "circle", *, size: int = 64,
            rng: np.random.Generator | None = None) -> np.ndarray:
     """uint8 (frames, size, size, 3): the shape crossing the frame along `direction` at constant speed."""
     rng = rng or np.random.default_rng(0)
-    radius = size * rng.uniform(0.12, 0.16)
+    radius = size * rng.uniform(0.18, 0.22)  # big enough that the object, not the background, dominates the loss
     dx, dy = DIRECTIONS[direction]
     travel = size - 2 * radius - 4  # along the motion axis, from one side to the other
     across = rng.uniform(radius + 2, size - radius - 2)  # position on the other axis
