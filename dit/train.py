@@ -211,8 +211,9 @@ def _train_worker(cfg: TrainConfig, rank: int, world: int, device: torch.device 
     elif rank == 0:
         fps = float(np.median([c.fps for c in clips if c.fps > 0] or [8.0])) / cfg.frame_stride
         _write_run_json(run, cfg, mcfg, spec, counts, len(clips), model.num_params(), fps)
-    log.info("%d clips in %d buckets %s; model %s: %.1fM parameters; %d worker(s) on %s", sum(counts.values()),
-             len(counts), counts, cfg.preset, model.num_params() / 1e6, world, device)
+    if rank == 0:
+        log.info("%d clips in %d buckets %s; model %s: %.1fM parameters; %d worker(s) on %s",
+                 sum(counts.values()), len(counts), counts, cfg.preset, model.num_params() / 1e6, world, device)
 
     net = model
     if distributed:
