@@ -74,14 +74,13 @@ def evaluate(sampler, seeds_from: int, steps: int, cfg: float, toy) -> dict:
     }
 
 
-def evaluate_i2v(sampler, steps: int, cfg: float, toy, folder: Path, seed: int) -> dict:
+def evaluate_i2v(sampler, steps: int, cfg: float, toy, folder: Path, seed: int, stride: int) -> dict:
     """Image-to-video from the first frame of new renders: first-frame PSNR after H.264, continuation PSNR."""
     from clipmill.dit.data import fit_frames  # noqa: PLC0415
     from clipmill.dit.sample import image_to_video  # noqa: PLC0415
 
     rng = np.random.default_rng(seed)
     first, rest, dirs, n = [], [], 0, 0
-    stride = 2
     for color in toy.COLORS:
         for direction in toy.DIRECTIONS:
             shape = toy.SHAPES[n % 2]
@@ -132,6 +131,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25, help="sampling steps")
     ap.add_argument("--cfg", type=float, default=3.0, help="guidance scale")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--frame-stride", type=int, default=2, help="training frames are every k-th frame of a clip")
     ap.add_argument("--shift", type=float, default=3.0,
                     help="timestep shift: > 1 trains more at high noise, where the text must decide the motion")
     ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
@@ -165,7 +165,7 @@ def main() -> None:
 
     run = work / "run"
     cfg = TrainConfig(dataset=str(work / "ds"), run=str(run), preset="tiny", text="source_caption",
-                      frame_stride=2, batch_size=args.batch_size, steps=100000, lr=1e-3, warmup=50,
+                      frame_stride=args.frame_stride, batch_size=args.batch_size, steps=100000, lr=1e-3, warmup=50,
                       ema_decay=0.995, cfg_dropout=0.1, cond_prob=0.3, shift=args.shift, log_every=25, save_every=0,
                       max_minutes=args.minutes, seed=0, resume=(run / "checkpoint.safetensors").exists())
     summary = train(cfg)
@@ -181,7 +181,7 @@ def main() -> None:
     ref = evaluate(untrained, 5000, args.steps, args.cfg, toy)
     sampler = Sampler(run)
     res = evaluate(sampler, 1000, args.steps, args.cfg, toy)
-    i2v = evaluate_i2v(sampler, args.steps, args.cfg, toy, work, seed=4242)
+    i2v = evaluate_i2v(sampler, args.steps, args.cfg, toy, work, seed=4242, stride=args.frame_stride)
     sample_s = time.monotonic() - t0
     examples = write_marked_examples(sampler, toy, RESULTS / "toy_t2v", args.steps, args.cfg)
 
@@ -196,7 +196,8 @@ def main() -> None:
         "untrained_color_acc": round(ref["color_acc"], 3), "untrained_direction_acc": round(ref["direction_acc"], 3),
         "train_seconds": summary["train_seconds"], "train_steps": summary["step"], "final_loss": summary["loss"],
         "tokens_per_s": summary["tokens_per_s"], "params": summary["params"], "batch_size": args.batch_size,
-        "torch_threads": args.threads, "shift": args.shift, "curate_seconds": round(curate_s, 1), "sample_seconds": round(sample_s, 1),
+        "torch_threads": args.threads, "shift": args.shift, "frame_stride": args.frame_stride,
+        "curate_seconds": round(curate_s, 1), "sample_seconds": round(sample_s, 1),
         "train_videos": len(rows), "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
         "marked_examples": examples, "targets": {"color_acc": 0.9, "direction_acc": 0.8},
     }
