@@ -3,7 +3,7 @@
 1. Writes a toy set (clipmill.dit.toy): 4 colours x 4 directions x {circle, square} at 64x64, 24 frames, 8 fps,
    with manifest captions ("a red circle moving left"); the colour/direction pairs in toy.HELD_OUT are left out.
 2. Curates it with `clipmill run` and bench/toy_recipe.yaml (thresholds stated there).
-3. Trains the tiny preset on CPU from the committed shards for a fixed time budget (8 frames at stride 2, 32x32).
+3. Trains the tiny preset on CPU from the committed shards for a fixed time budget (8 frames at stride 3, 32x32).
 4. Samples one video per caption (all 32 captions: 24 seen, 8 held-out compositions) for held-out seeds, and
    image-to-video from the first frame of freshly rendered held-out videos.
 5. Measures colour (hue of the foreground) and direction (centroid trajectory) with toy.detect; chance is 25%.
@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25, help="sampling steps")
     ap.add_argument("--cfg", type=float, default=3.0, help="guidance scale")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--frame-stride", type=int, default=2, help="training frames are every k-th frame of a clip")
+    ap.add_argument("--frame-stride", type=int, default=3, help="training frames are every k-th frame of a clip")
     ap.add_argument("--shift", type=float, default=3.0,
                     help="timestep shift: > 1 trains more at high noise, where the text must decide the motion")
     ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
