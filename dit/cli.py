@@ -161,7 +161,13 @@ def sample_command(run, prompt, output, frames, height, width, steps, cfg, seed,
         _fail(str(exc))
     except GenerationRefused as exc:
         _fail(f"refused: {exc}")
+    wm = (info or {}).get("watermark") or {}
+    if wm.get("embedded") and not wm.get("detected"):
+        click.echo(f"clipmill: warning: the invisible watermark did not survive H.264 encoding of this content "
+                   f"(bit accuracy {wm.get('bit_accuracy', 0):.0%}; near-white or saturated frames lose it in 4:2:0 "
+                   f"chroma); the C2PA manifest still marks {output} as AI-generated", err=True)
     click.echo(json.dumps({"output": str(output), "frames": int(out.shape[0]), "height": int(out.shape[1]),
-                           "width": int(out.shape[2]), **{k: v for k, v in (info or {}).items()
-                                                          if isinstance(v, str | int | float | bool)}}))
+                           "width": int(out.shape[2]), "watermark_detected": wm.get("detected"),
+                           "watermark_payload": wm.get("payload"),
+                           **{k: v for k, v in (info or {}).items() if isinstance(v, str | int | float | bool)}}))
 

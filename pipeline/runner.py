@@ -433,6 +433,11 @@ class RunMetrics:
             arr[min(k, n - 1)] += v
         return np.cumsum(arr)
 
+    @staticmethod
+    def _before(cum: np.ndarray) -> np.ndarray:
+        """Cumulative counts at the start of each bin (cum is at the end)."""
+        return np.concatenate([[0.0], cum[:-1]])
+
     def _series(self, x: np.ndarray, step: int) -> list[float]:
         return [float(x[i:i + step].max()) for i in range(0, len(x), step)]
 
@@ -440,8 +445,10 @@ class RunMetrics:
         n = max(1, int(time.time() - self.t0) + 1)
         step = max(1, -(-n // self.MAX_POINTS))
         received = self._cum(self._received, n)
-        in_ray = self.total - received
-        awaiting = received - self._cum(self._committed, n)
+        # peaks within each bin: counts only rise between the events that lower them, so a bin's peak of videos
+        # in Ray is before its first receipt, and of videos awaiting commit after its receipts, before its commits
+        in_ray = self.total - self._before(received)
+        awaiting = received - self._before(self._cum(self._committed, n))
         queue: dict[str, Any] = {"bin_s": 1, "step_s": step, "t_s": list(range(0, n, step)),
                                  "videos_in_ray": self._series(in_ray, step),
                                  "videos_awaiting_commit": self._series(awaiting, step),
