@@ -33,6 +33,48 @@ def ray_session():
     ray.shutdown()
 
 
+CAPTIONS = {"wide.mp4": "a wide test scene", "tall.mp4": "a tall test scene", "square.mp4": "a still square"}
+
+
+@pytest.fixture(scope="session")
+def captioned_dataset(ray_session, tmp_path_factory) -> dict:
+    """The real pipeline over three generated videos (16:9, 9:16, a static 1:1 whose clips are rejected and keep
+    no media), from a CSV manifest with captions (`CAPTIONS`), one video per shard. Tests must not write to it.
+    Returns out, items, recipe (path), clips (clip_id -> row), captions."""
+    import csv
+
+    import yaml
+
+    from clipmill import synth
+    from clipmill.pipeline.inputs import expand_inputs
+    from clipmill.pipeline.recipe import load_recipe
+    from clipmill.pipeline.runner import run
+    from clipmill.storage.shards import read_table
+
+    root = tmp_path_factory.mktemp("captioned")
+    vids = root / "in"
+    vids.mkdir()
+    synth.make_case("cuts", vids / "wide.mp4", width=320, height=180)
+    synth.make_case("cuts", vids / "tall.mp4", width=180, height=320, seed=7)
+    synth.make_case("static", vids / "square.mp4", width=240, height=240)
+    manifest = root / "inputs.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["uri", "caption"])
+        for name, cap in CAPTIONS.items():
+            w.writerow([str(vids / name), cap])
+    recipe = {"name": "captioned-test", "stages": [
+        {"probe": {}}, {"split": {"min_s": 1.0, "max_s": 3.0}}, {"transcode": {"max_side": 256}},
+        {"frames": {"n": 8, "max_side": 128}}, {"quality": {}}, {"filter": {"min_sharpness": None}}],
+        "write": {"media": "kept", "shard_videos": 1}}
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    items = expand_inputs([str(manifest)])
+    out = root / "ds"
+    run(items, out, load_recipe(root / "recipe.yaml"))
+    clips = {r["clip_id"]: r for r in read_table(out, "clips").to_pylist()}
+    return {"out": out, "items": items, "recipe": root / "recipe.yaml", "clips": clips, "captions": CAPTIONS}
+
+
 @pytest.fixture(autouse=True)
 def _fail_on_error_logs(caplog):
     """A test that logs at ERROR (from clipmill code) fails: errors must be handled, not just logged."""

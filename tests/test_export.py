@@ -11,14 +11,9 @@ from pathlib import Path
 
 import av
 import pytest
-import yaml
 from click.testing import CliRunner
 
-from clipmill import synth
 from clipmill.pipeline.cli import main
-from clipmill.pipeline.inputs import expand_inputs
-from clipmill.pipeline.recipe import load_recipe
-from clipmill.pipeline.runner import run
 from clipmill.storage.export import (
     ExportError,
     bucket_name,
@@ -27,39 +22,15 @@ from clipmill.storage.export import (
     resolution_class,
 )
 from clipmill.storage.select import SelectError
-from clipmill.storage.shards import read_table
 
 pytestmark = pytest.mark.slow
 
-CAPTIONS = {"wide.mp4": "a wide test scene", "tall.mp4": "a tall test scene", "square.mp4": "a still square"}
-
-
 @pytest.fixture(scope="module")
-def dataset(ray_session, tmp_path_factory):
-    """The real pipeline over three generated videos (16:9, 9:16, a static 1:1 whose clips are rejected and
-    keep no media), from a CSV manifest with captions; one video per shard."""
-    root = tmp_path_factory.mktemp("export")
-    vids = root / "in"
-    vids.mkdir()
-    synth.make_case("cuts", vids / "wide.mp4", width=320, height=180)
-    synth.make_case("cuts", vids / "tall.mp4", width=180, height=320, seed=7)
-    synth.make_case("static", vids / "square.mp4", width=240, height=240)
-    manifest = root / "inputs.csv"
-    with open(manifest, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["uri", "caption"])
-        for name, cap in CAPTIONS.items():
-            w.writerow([str(vids / name), cap])
-    recipe = {"name": "export-test", "stages": [
-        {"probe": {}}, {"split": {"min_s": 1.0, "max_s": 3.0}}, {"transcode": {"max_side": 256}},
-        {"frames": {"n": 8, "max_side": 128}}, {"quality": {}}, {"filter": {"min_sharpness": None}}],
-        "write": {"media": "kept", "shard_videos": 1}}
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    out = root / "ds"
-    run(expand_inputs([str(manifest)]), out, load_recipe(root / "recipe.yaml"))
-    clips = {r["clip_id"]: r for r in read_table(out, "clips").to_pylist()}
+def dataset(captioned_dataset):
+    """The session's captioned dataset (16:9, 9:16, a static 1:1 whose clips are rejected and keep no media)."""
+    clips = captioned_dataset["clips"]
     assert any(r["media"] is None for r in clips.values()) and any(r["media"] for r in clips.values())
-    return {"out": out, "clips": clips}
+    return captioned_dataset
 
 
 def _decode(data: bytes) -> tuple[int, int, int]:
@@ -128,7 +99,7 @@ def test_webdataset_round_trip(dataset, tmp_path):
         meta = json.loads(sample["json"])
         row = clips[key]
         assert meta["clip_id"] == key and meta["uri"] == row["uri"] and meta["n_frames"] == row["n_frames"]
-        assert meta["text"] == row["source_caption"] == CAPTIONS[Path(row["uri"]).name]
+        assert meta["text"] == row["source_caption"] == dataset["captions"][Path(row["uri"]).name]
         assert (meta["start_s"], meta["end_s"], meta["fps"]) == (row["start_s"], row["end_s"], row["fps"])
         assert Path(sample["__url__"]).parent.name == bucket_name(row["width"], row["height"])
         assert "media" not in meta and "embedding" not in meta

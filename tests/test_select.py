@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
-from clipmill import synth
 from clipmill.pipeline.cli import main
-from clipmill.pipeline.inputs import expand_inputs
 from clipmill.pipeline.recipe import load_recipe
 from clipmill.pipeline.runner import run
 from clipmill.storage.query import run_query
@@ -24,37 +20,9 @@ from clipmill.storage.verify import verify_dataset
 
 pytestmark = pytest.mark.slow
 
-CAPTIONS = {"wide.mp4": "a wide test scene", "tall.mp4": "a tall test scene", "square.mp4": "a still square"}
-
-
-def build_dataset(root: Path) -> dict:
-    """Run the real pipeline over three generated videos (16:9, 9:16, a static 1:1 whose clips are rejected),
-    from a CSV manifest with captions, one video per shard, media kept for kept clips only."""
-    vids = root / "in"
-    vids.mkdir(parents=True)
-    synth.make_case("cuts", vids / "wide.mp4", width=320, height=180)
-    synth.make_case("cuts", vids / "tall.mp4", width=180, height=320, seed=7)
-    synth.make_case("static", vids / "square.mp4", width=240, height=240)
-    manifest = root / "inputs.csv"
-    with open(manifest, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["uri", "caption"])
-        for name, cap in CAPTIONS.items():
-            w.writerow([str(vids / name), cap])
-    recipe = {"name": "select-test", "stages": [
-        {"probe": {}}, {"split": {"min_s": 1.0, "max_s": 3.0}}, {"transcode": {"max_side": 256}},
-        {"frames": {"n": 8, "max_side": 128}}, {"quality": {}}, {"filter": {"min_sharpness": None}}],
-        "write": {"media": "kept", "shard_videos": 1}}
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    items = expand_inputs([str(manifest)])
-    out = root / "ds"
-    run(items, out, load_recipe(root / "recipe.yaml"))
-    return {"out": out, "items": items, "recipe": root / "recipe.yaml"}
-
-
 @pytest.fixture(scope="module")
-def dataset(ray_session, tmp_path_factory):
-    return build_dataset(tmp_path_factory.mktemp("select"))
+def dataset(captioned_dataset):
+    return captioned_dataset
 
 
 def _rows(out: Path, table: str) -> dict[str, dict]:
