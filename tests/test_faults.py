@@ -87,9 +87,23 @@ def snapshot(out: Path) -> Snapshot:
     )
 
 
+def _where_ledgered(got: Snapshot) -> str:
+    """For each uri ledgered more than once: the commit records naming it, with their times and files."""
+    if got.out is None:
+        return ""
+    twice = {u for u in got.uris if got.uris.count(u) > 1}
+    lines = []
+    for rec in read_commits(got.out):
+        for u in sorted(twice & set(rec.uris)):
+            files = {k: (f.path, f.rows) for k, f in rec.files.items()}
+            lines.append(f"{Path(u).name} in {rec.shard} (created {rec.created_at}, files {files})")
+    return "records: " + ("; ".join(lines) or "no record names it twice (a videos file holds it twice)")
+
+
 def assert_equals_clean(got: Snapshot, clean: Snapshot, what: str) -> None:
     """Every input ledgered once with the clean run's status, the clean run's clip_ids, no dup, no temp."""
-    assert len(got.uris) == len(set(got.uris)), f"{what}: an input is ledgered twice (seed {SEED})"
+    assert len(got.uris) == len(set(got.uris)), (
+        f"{what}: an input is ledgered twice (seed {SEED}); {_where_ledgered(got)}")
     assert sorted(got.uris) == sorted(clean.uris), f"{what}: inputs ledgered differ from the clean run"
     diff = {u: (got.status.get(u), clean.status.get(u)) for u in set(got.status) | set(clean.status)
             if (got.status.get(u) or (None,))[0] != (clean.status.get(u) or (None,))[0]}
