@@ -97,15 +97,22 @@ class Assembler:
     media: str = "kept"
     thumbnails: bool = True
     _pending: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    _done: set[str] = field(default_factory=set)
+    duplicate_rows: int = 0  # rows of videos already completed (a retried task delivering its output again)
 
     def add(self, rows: Iterable[dict[str, Any]]) -> list[VideoResult]:
-        """Add work rows; return the videos they completed."""
+        """Add work rows; return the videos they completed. Each video is completed once: rows of a video that
+        was already completed are counted in `duplicate_rows` and ignored, so it is never ledgered twice."""
         done = []
         for r in rows:
             key = r["uri"]
+            if key in self._done:
+                self.duplicate_rows += 1
+                continue
             bucket = self._pending.setdefault(key, [])
             bucket.append(r)
             if self._complete(bucket):
+                self._done.add(key)
                 done.append(video_result(self._pending.pop(key), self.media, self.thumbnails))
         return done
 

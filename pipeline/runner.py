@@ -678,6 +678,9 @@ def _stream(todo: list[InputItem], recipe: Recipe, writer: ShardWriter, target: 
                     accept(res)
                 if on_progress:
                     on_progress(_live_view(stats, pending))
+            if asm.duplicate_rows:
+                log.warning("%d rows of videos already received came back again (a retried task) and were ignored",
+                            asm.duplicate_rows)
             for uri in asm.incomplete:
                 log.warning("%s: some clip rows were lost (worker failure); ledgered as failed", uri)
             for it in todo:

@@ -34,6 +34,15 @@ def test_videos_complete_only_when_all_clip_rows_arrived_in_any_order():
     assert a.stage_seconds == {"split": 1.0, "transcode": 1.5}
 
 
+def test_a_video_delivered_twice_is_completed_once():
+    """A retried Ray task can hand back rows the driver already has; the video must be ledgered once."""
+    asm = Assembler()
+    first = asm.add(_rows("/a", 2) + _rows("/b", 0))
+    again = asm.add(_rows("/a", 2) + _rows("/b", 0))
+    assert sorted(v.video["uri"] for v in first) == ["/a", "/b"]
+    assert again == [] and asm.duplicate_rows == 3 and asm.incomplete == []
+
+
 def test_partial_video_is_reported_incomplete():
     asm = Assembler()
     assert asm.add(_rows("/a", 3)[:2]) == []
