@@ -70,10 +70,15 @@ def test_exact_resume_matches_straight_training_bitwise(toy_dataset, tmp_path):
     assert a["model.final.linear.weight"].abs().sum() > 0
 
 
-def test_compiled_training_follows_the_eager_losses(toy_dataset, tmp_path):
-    """`--compile` runs the same math through torch.compile (CPU here; the GPU speed-up is in bench/dit_gpu.py)."""
+def test_compiled_training_follows_the_eager_losses(toy_dataset, tmp_path, clipmill_env):
+    """`--compile` runs the same math through torch.compile (CPU here; the GPU speed-up is in bench/dit_gpu.py).
+    The compiled run is a subprocess: inductor's OpenMP threads would otherwise keep spinning in this process."""
     eager = train(_cfg(toy_dataset, tmp_path / "eager", steps=3))
-    compiled = train(_cfg(toy_dataset, tmp_path / "compiled", steps=3, compile=True))
+    res = _cli(["train", str(toy_dataset), "--out", str(tmp_path / "compiled"), "--compile", "--text",
+                "source_caption", "--batch-size", "4", "--frame-stride", "2", "--log-every", "1", "--save-every",
+                "0", "--cond-prob", "0.5", "--steps", "3", "--lr", "1e-3", "--warmup", "2"], clipmill_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    compiled = json.loads(res.stdout.strip().splitlines()[-1])
     _, meta_e = read_checkpoint(tmp_path / "eager" / CHECKPOINT)
     _, meta_c = read_checkpoint(tmp_path / "compiled" / CHECKPOINT)
     assert compiled["step"] == eager["step"] == 3
@@ -199,8 +204,8 @@ def test_cli_train_and_sample_write_marked_mp4s(toy_dataset, tmp_path, clipmill_
     assert check["c2pa"]["generation"]["watermark"]["embedded"] is True
     assert check["c2pa"]["generation"]["watermark"]["payload"] == printed["watermark_payload"]
     assert check["watermark"]["detected"] == printed["watermark_detected"], (check["watermark"], printed)
-    if printed["watermark_detected"]:  # detected = the 16-bit clipmill tag (first 4 hex digits) was read back
-        assert check["watermark"]["payload"][:4] == printed["watermark_payload"][:4]
+    if printed["watermark_detected"]:  # detected = at least 14 of the 16 clipmill tag bits were read back
+        assert check["watermark"]["tag_bit_accuracy"] >= 14 / 16, check["watermark"]
     else:
         assert "did not survive" in res.stderr
     res = CliRunner().invoke(main, ["sample", str(tmp_path / "run"), "--prompt", "a nude child",
