@@ -33,6 +33,29 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def small_recipe_path(tmp_path_factory) -> Path:
+    """The default recipe without the OCR/NSFW/motion models (faster), 1-3 s clips at 128 px, one video per shard."""
+    import yaml
+
+    from clipmill.pipeline.recipe import load_recipe
+
+    data = load_recipe("default").to_json()
+    data.pop("source")
+    data["stages"] = [st for st in data["stages"] if next(iter(st)) not in ("ocr", "safety", "motion")]
+    for st in data["stages"]:
+        if "split" in st:
+            st["split"].update(min_s=1.0, max_s=3.0)
+        if "transcode" in st:
+            st["transcode"].update(max_side=128)
+        if "filter" in st:
+            st["filter"].update(min_sharpness=None, max_motion_score=None, max_text_area=None, max_nsfw_score=None)
+    data["write"]["shard_videos"] = 1
+    p = tmp_path_factory.mktemp("recipe") / "small.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
 CAPTIONS = {"wide.mp4": "a wide test scene", "tall.mp4": "a tall test scene", "square.mp4": "a still square"}
 
 

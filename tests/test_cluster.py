@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from clipmill import synth
 from clipmill.pipeline.inputs import expand_inputs
@@ -125,21 +124,8 @@ def inputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def recipe_path(tmp_path_factory) -> Path:
-    data = load_recipe("default").to_json()
-    data.pop("source")
-    data["stages"] = [st for st in data["stages"] if next(iter(st)) not in ("ocr", "safety", "motion")]
-    for st in data["stages"]:
-        if "split" in st:
-            st["split"].update(min_s=1.0, max_s=3.0)
-        if "transcode" in st:
-            st["transcode"].update(max_side=128)
-        if "filter" in st:
-            st["filter"].update(min_sharpness=None, max_motion_score=None, max_text_area=None, max_nsfw_score=None)
-    data["write"]["shard_videos"] = 1
-    p = tmp_path_factory.mktemp("recipe") / "cluster.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
+def recipe_path(small_recipe_path) -> Path:
+    return small_recipe_path
 
 
 def _summary(out: Path) -> tuple[list, list]:

@@ -12,7 +12,6 @@ from pathlib import Path
 import fsspec
 import pyarrow as pa
 import pytest
-import yaml
 
 from clipmill import synth
 from clipmill.pipeline.inputs import InputError, expand_inputs
@@ -192,22 +191,9 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def small_recipe(tmp_path_factory):
-    """The default recipe without the OCR/NSFW/motion models (faster), shorter clips, one video per shard."""
-    data = load_recipe("default").to_json()
-    data.pop("source")
-    data["stages"] = [st for st in data["stages"] if next(iter(st)) not in ("ocr", "safety", "motion")]
-    for st in data["stages"]:
-        if "split" in st:
-            st["split"].update(min_s=1.0, max_s=3.0)
-        if "transcode" in st:
-            st["transcode"].update(max_side=128)
-        if "filter" in st:
-            st["filter"].update(min_sharpness=None, max_motion_score=None, max_text_area=None, max_nsfw_score=None)
-    data["write"]["shard_videos"] = 1
-    p = tmp_path_factory.mktemp("recipe") / "remote.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return load_recipe(p)
+def small_recipe(small_recipe_path):
+    """The session's small recipe (default without OCR/NSFW/motion, short clips, one video per shard)."""
+    return load_recipe(small_recipe_path)
 
 
 def _summary(out: Path) -> tuple[list, list]:
