@@ -2,7 +2,8 @@
 
 A video latent ``(N, C, T, H, W)`` is cut into spacetime patches by a 3D convolution, run through transformer
 blocks with adaLN-Zero timestep conditioning (DiT), cross-attention to text-encoder tokens (PixArt-alpha) and
-rotary position embedding over (t, h, w) so any frame count, height and width works at inference, and turned
+rotary position embedding over (t, h, w) so any frame count, height and width works at inference (plus the
+patch's place in the clip as a fraction of the grid, which RoPE alone does not give), and turned
 back into a velocity of the same shape. Attention is ``torch.nn.functional.scaled_dot_product_attention``.
 
 Masked frame conditioning: besides the noisy latent, every patch sees the clean latent of the frames that
@@ -46,6 +47,7 @@ class DiTConfig:
     mlp_ratio: float = 4.0  # MLP hidden size = mlp_ratio * D
     text_dim: int = 384  # width of the text encoder's token states (MiniLM 384, T5-base 768); set by the encoder
     rope_theta: float = 10000.0  # RoPE base; 10k is enough for a few hundred positions per axis
+    abs_pos: int = 0  # octaves of Fourier features of each patch's place in the clip, (t, h, w) in [0, 1]; 0 = off
     frames: int = 8  # default training frames per clip (any count works at inference thanks to RoPE)
     size: int = 32  # default training side: buckets have about size*size pixels at the clip's aspect ratio
 
@@ -58,18 +60,24 @@ class DiTConfig:
         head_dim = self.width // self.heads
         if head_dim < 12 or head_dim % 2:
             raise ValueError(f"head dim {head_dim} (width/heads) must be even and >= 12 for 3-axis RoPE")
+        if self.abs_pos < 0:
+            raise ValueError(f"abs_pos must be >= 0 octaves, got {self.abs_pos}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # Presets: tiny runs the CPU tests and the toy benchmark; small/base/large/xl are DiT-S/B/L/XL-sized and need GPUs.
+# All use the absolute place embedding (abs_pos) besides RoPE: RoPE alone only tells a patch where the others are
+# relative to it, and from pure noise (t = 1) a model that cannot tell the left edge from the right one cannot
+# put "a circle moving left" on the right side of the first frame (measured on the toy benchmark: without it the
+# predicted clean mean at t = 1 was the same for all four directions; see bench/toy_t2v.py).
 PRESETS: dict[str, DiTConfig] = {
-    "tiny": DiTConfig(patch=(2, 4, 4), width=128, depth=4, heads=4, frames=8, size=32),
-    "small": DiTConfig(patch=(1, 2, 2), width=384, depth=12, heads=6, frames=16, size=256),
-    "base": DiTConfig(patch=(1, 2, 2), width=768, depth=12, heads=12, frames=16, size=256),
-    "large": DiTConfig(patch=(1, 2, 2), width=1024, depth=24, heads=16, frames=16, size=256),
-    "xl": DiTConfig(patch=(1, 2, 2), width=1152, depth=28, heads=16, frames=16, size=256),
+    "tiny": DiTConfig(patch=(2, 4, 4), width=128, depth=4, heads=4, frames=8, size=32, abs_pos=4),
+    "small": DiTConfig(patch=(1, 2, 2), width=384, depth=12, heads=6, frames=16, size=256, abs_pos=4),
+    "base": DiTConfig(patch=(1, 2, 2), width=768, depth=12, heads=12, frames=16, size=256, abs_pos=4),
+    "large": DiTConfig(patch=(1, 2, 2), width=1024, depth=24, heads=16, frames=16, size=256, abs_pos=4),
+    "xl": DiTConfig(patch=(1, 2, 2), width=1152, depth=28, heads=16, frames=16, size=256, abs_pos=4),
 }
 
 
@@ -150,6 +158,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (N, heads, L, hd/2) each
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
     return out.to(x.dtype)
+
+
+class PlaceEmbedding(nn.Module):
+    """Where a patch is in the clip: Fourier features of its (t, h, w) centre as a fraction of the grid -> (L, D).
+
+    Fractions, not indices, so the embedding means the same place (the left edge, the last frame) at any frame
+    count and size; sin/cos of 2^k * pi * u for k < octaves on each axis, then a linear map to the model width.
+    """
+
+    def __init__(self, octaves: int, width: int):
+        super().__init__()
+        self.register_buffer("freqs", (2.0 ** torch.arange(octaves, dtype=torch.float32)) * math.pi, persistent=False)
+        self.proj = nn.Linear(6 * octaves, width)
+
+    def features(self, grid: tuple[int, int, int], device=None) -> torch.Tensor:
+        axes = [(torch.arange(n, dtype=torch.float32, device=device) + 0.5) / n for n in grid]
+        u = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (L, 3) in t, h, w order
+        ang = u[..., None] * self.freqs.to(device)  # (L, 3, octaves)
+        return torch.cat([ang.sin(), ang.cos()], dim=-1).flatten(1)  # (L, 6 * octaves)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features.to(self.proj.weight.dtype))
 
 
 # ------------------------------------------------------------------------------------------------ blocks
@@ -249,6 +279,7 @@ class DiT(nn.Module):
         c = cfg.in_channels
         # input = noisy latent, clean latent of the given frames, per-frame mask -> 2C + 1 channels
         self.patch_embed = nn.Conv3d(2 * c + 1, cfg.width, kernel_size=cfg.patch, stride=cfg.patch)
+        self.place = PlaceEmbedding(cfg.abs_pos, cfg.width) if cfg.abs_pos else None
         self.t_embed = TimestepEmbedder(cfg.width)
         self.text = TextProjector(cfg.text_dim, cfg.width)
         self.blocks = nn.ModuleList(DiTBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
@@ -283,10 +314,13 @@ class DiT(nn.Module):
         if t % pt or h % ph or w % pw:
             raise ValueError(f"latent (T, H, W) = ({t}, {h}, {w}) must be multiples of the patch {self.cfg.patch}")
 
-    def _rope(self, grid, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, grid, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """RoPE cos/sin tables and the place features of a patch grid (cached for the last grid seen)."""
         key = (grid, str(device))
         if key not in self._rope_cache:
-            self._rope_cache = {key: rope_3d(grid, self.cfg.width // self.cfg.heads, self.cfg.rope_theta, device)}
+            cos, sin = rope_3d(grid, self.cfg.width // self.cfg.heads, self.cfg.rope_theta, device)
+            place = self.place.features(grid, device) if self.place is not None else None
+            self._rope_cache = {key: (cos, sin, place)}
         return self._rope_cache[key]
 
     def forward(self, x, t, text, text_mask, cond=None, frame_mask=None):
@@ -309,9 +343,12 @@ class DiT(nn.Module):
         h = self.patch_embed(torch.cat([x, cond, m], dim=1))  # (N, D, T', H', W')
         grid = tuple(h.shape[2:])
         h = h.flatten(2).transpose(1, 2)  # (N, T'H'W', D)
+        cos, sin, place = self._rope(grid, x.device)
+        if place is not None:
+            h = h + self.place(place).to(h.dtype)
         keys, key_mask, pooled = self.text(text.to(h.dtype), text_mask)
         cvec = self.t_embed(t) + pooled  # (N, D)
-        rope = self._rope(grid, x.device)
+        rope = (cos, sin)
         for block in self.blocks:
             h = block(h, cvec, rope, keys, key_mask)
         out = self.final(h, cvec)  # (N, L, pt*ph*pw*C)

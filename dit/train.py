@@ -56,6 +56,7 @@ class TrainConfig:
         text_encoder / text_encoder_path / max_tokens: see encoders.EncoderSpec.
         latent / vae_path / vae_class: see encoders.EncoderSpec.
         frames / size: clip length and side of the buckets (None = the preset's).
+        abs_pos: octaves of the model's place embedding (None = the preset's; 0 = RoPE only, for ablations).
         frame_stride: take every k-th frame of a clip.
         batch_size: clips per step per worker.
         steps: total optimisation steps.
@@ -88,6 +89,7 @@ class TrainConfig:
     vae_class: str | None = None
     frames: int | None = None
     size: int | None = None
+    abs_pos: int | None = None
     frame_stride: int = 1
     batch_size: int = 8
     steps: int = 1000
@@ -133,6 +135,8 @@ class TrainConfig:
         for name in ("frames", "size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise TrainError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.abs_pos is not None and self.abs_pos < 0:
+            raise TrainError(f"abs_pos must be >= 0, got {self.abs_pos}")
         parse_text_spec(self.text)
         self.encoder_spec()
         preset(self.preset)
@@ -188,7 +192,8 @@ def _train_worker(cfg: TrainConfig, rank: int, world: int, device: torch.device 
     base = preset(cfg.preset)
     patch = (1, *base.patch[1:]) if latent.t_down > 1 else base.patch  # a video VAE already compresses time
     mcfg = preset(cfg.preset, in_channels=latent.channels, text_dim=text_encoder.dim, patch=patch,
-                  frames=cfg.frames or base.frames, size=cfg.size or base.size)
+                  frames=cfg.frames or base.frames, size=cfg.size or base.size,
+                  abs_pos=base.abs_pos if cfg.abs_pos is None else cfg.abs_pos)
     buckets, counts = plan_buckets(
         clips, size=mcfg.size, frames=mcfg.frames, multiple=mcfg.patch[1] * latent.s_down, t_multiple=mcfg.patch[0],
         frame_stride=cfg.frame_stride, pixel_frames=latent.pixel_frames, latent_frames=latent.latent_frames)

@@ -49,6 +49,33 @@ def test_all_text_dropped_still_attends_to_the_null_token():
     assert not torch.allclose(out, with_text)
 
 
+def test_place_embedding_lets_the_model_put_structure_into_a_uniform_input():
+    """From pure noise a model must still know the left edge from the right one (RoPE alone is relative).
+
+    With a spatially uniform input every patch has the same features; without the place embedding attention
+    averages identical values and every patch gets the same velocity, with it the velocity varies by place.
+    """
+    text, mask = torch.randn(1, 3, 16), torch.ones(1, 3, dtype=torch.bool)
+    x = torch.full((1, 3, 4, 16, 16), 0.3)
+    spread = {}
+    for octaves in (0, 4):
+        torch.manual_seed(0)
+        model = _tiny(abs_pos=octaves)
+        for p in model.parameters():  # break the zero init so the output depends on the input
+            torch.nn.init.normal_(p, std=0.05)
+        out = model(x, torch.full((1,), 1.0), text, mask)
+        same_offset = out[:, :, 0::2, 0::4, 0::4]  # one value per patch (patch (2, 4, 4)), same place inside it
+        spread[octaves] = float(same_offset.std(dim=(2, 3, 4)).max())
+    assert spread[0] < 1e-4 and spread[4] > 1e-2
+    # the features name the place as a fraction of the grid: the same at any size for the same place
+    place = DiT(preset("tiny", width=48, depth=2, heads=2, text_dim=16)).place
+    small, large = place.features((1, 2, 2)), place.features((1, 6, 6))
+    assert small.shape == (4, 24) and large.shape == (36, 24)
+    assert torch.allclose(small[0], large[1 * 6 + 1], atol=1e-6)  # centre (0.25, 0.25) of both grids
+    with pytest.raises(ValueError, match="abs_pos"):
+        preset("tiny", abs_pos=-1)
+
+
 def test_rope_is_identity_at_the_origin_and_keeps_norms():
     cos, sin = rope_3d((2, 3, 4), 24, 10000.0)
     assert cos.shape == (24, 12)
