@@ -28,6 +28,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from clipmill.synth import keep_thread_scheduling
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -130,7 +132,7 @@ def encode_video(
         raise ValueError(f"{len(pts)} pts for {len(frames)} frames")
     height, width = frames[0].shape[:2]
     opts = dict(_FAST_OPTIONS.get(codec, {}) if options is None else options)
-    with av.open(str(path), mode="w", format=container_format) as out:
+    with keep_thread_scheduling(), av.open(str(path), mode="w", format=container_format) as out:
         vs = out.add_stream(codec, rate=rate)
         vs.width, vs.height, vs.pix_fmt = width, height, pix_fmt
         vs.codec_context.time_base = tb

@@ -21,6 +21,7 @@ Nothing here inspects or decodes videos; it only writes them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -40,6 +41,7 @@ __all__ = [
     "Shot",
     "make_case",
     "make_shots_video",
+    "keep_thread_scheduling",
     "render_shots",
     "write_video",
 ]
@@ -73,6 +75,30 @@ def _pad_even(frame: np.ndarray) -> np.ndarray:
     return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
 
 
+@contextlib.contextmanager
+def keep_thread_scheduling() -> Iterator[None]:
+    """Restore the calling thread's scheduling policy when the block ends, if an encoder changed it.
+
+    SVT-AV1 (PyAV's ``libsvtav1``), run as root, leaves the thread that opened it in SCHED_FIFO at real-time
+    priority 99 (measured: ``os.sched_getscheduler(0)`` 0 -> 1 after one small encode). Every thread that
+    thread starts afterwards inherits it: torch's OpenMP workers, HTTP server threads. Busy-waiting real-time
+    threads then leave normal processes about 5% of a core (the kernel's RT throttling), which is how a test
+    session slowed to a crawl long after it had written an AV1 fixture.
+    """
+    if not hasattr(os, "sched_getscheduler"):  # not Linux
+        yield
+        return
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if os.sched_getscheduler(0) != policy or os.sched_getparam(0).sched_priority != param.sched_priority:
+            try:
+                os.sched_setscheduler(0, policy, param)
+            except OSError as exc:  # pragma: no cover - lowering one's own priority is always allowed
+                log.warning("could not restore the thread's scheduling policy after encoding: %s", exc)
+
+
 def write_video(
     path: str | os.PathLike,
     frames: Iterable[np.ndarray],
@@ -101,7 +127,7 @@ def write_video(
     needs_even = pix_fmt.startswith(("yuv420", "yuvj420", "nv12", "yuv422", "yuvj422"))
 
     n = 0
-    with av.open(str(path), mode="w", format=_CONTAINER_BY_SUFFIX[suffix]) as container:
+    with keep_thread_scheduling(), av.open(str(path), mode="w", format=_CONTAINER_BY_SUFFIX[suffix]) as container:
         stream = None
         for frame in frames:
             arr = np.ascontiguousarray(frame)

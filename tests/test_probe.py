@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from clipmill import badfiles
+from clipmill import badfiles, synth
 from clipmill.stages.probe import Probe, ProbeConfig
 from clipmill.storage.ids import video_id_from_path
 from clipmill.storage.schema import VIDEO_FIELDS
@@ -164,3 +166,20 @@ def test_shared_testdata_probes_like_truth():
     assert (by_name["bigbuckbunny.mp4"]["width"], by_name["bigbuckbunny.mp4"]["height"]) == (1280, 720)
     assert by_name["fades.mp4"]["codec"] == "mpeg4"
     assert by_name["delayed_start.mp4"]["duration_s"] == pytest.approx(0.96, abs=0.05)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="thread scheduling policies are Linux-only")
+def test_writing_av1_leaves_the_thread_scheduling_as_it_was(tmp_path):
+    """SVT-AV1 run as root leaves the thread that opened it in SCHED_FIFO at priority 99, and threads started
+    later inherit it (spinning OpenMP workers then starved a whole test session). Both writers put it back.
+    As non-root SVT cannot raise the priority and the test checks nothing beyond that."""
+    before = os.sched_getscheduler(0)
+    badfiles.make_av1_mkv(tmp_path, n=8)
+    assert os.sched_getscheduler(0) == before
+    synth.write_video(tmp_path / "b.mkv", badfiles.moving_frames(8), 24, codec="libsvtav1",
+                      options={"preset": "12", "crf": "40"})
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))
+    worker.start()
+    worker.join()
+    assert os.sched_getscheduler(0) == before and seen == [before]
