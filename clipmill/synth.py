@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CASES",
     "Shot",
+    "keep_thread_scheduling",
     "make_case",
     "make_shots_video",
-    "keep_thread_scheduling",
     "render_shots",
     "write_video",
 ]

@@ -70,8 +70,9 @@ class DiTConfig:
 # Presets: tiny runs the CPU tests and the toy benchmark; small/base/large/xl are DiT-S/B/L/XL-sized and need GPUs.
 # All use the absolute place embedding (abs_pos) besides RoPE: RoPE alone only tells a patch where the others are
 # relative to it, and from pure noise (t = 1) a model that cannot tell the left edge from the right one cannot
-# put "a circle moving left" on the right side of the first frame (measured on the toy benchmark: without it the
-# predicted clean mean at t = 1 was the same for all four directions; see bench/toy_t2v.py).
+# put "a circle moving left" on the right side of the first frame. Measured on the toy benchmark (README): without
+# it the predicted clean mean at t = 1 was the same for all four directions after 670 steps and only partly right
+# after 2000, and held-out colour/direction pairs moved the right way 50% of the time instead of 100%.
 PRESETS: dict[str, DiTConfig] = {
     "tiny": DiTConfig(patch=(2, 4, 4), width=128, depth=4, heads=4, frames=8, size=32, abs_pos=4),
     "small": DiTConfig(patch=(1, 2, 2), width=384, depth=12, heads=6, frames=16, size=256, abs_pos=4),
